@@ -1,0 +1,23 @@
+"""Unique tasks for Celery: enqueue a task only if the same task is not queued.
+
+>>> @app.task(base=UniqueTask)
+... def send_report(user_id): ...
+>>> send_report.apply_async((42,), unique=3600)  # DuplicateTaskError if queued
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigurationError, DuplicateTaskError, LockStoreError, UniqueTaskError
+from .task import LOCK_HEADER, UniqueTask
+
+__all__ = [
+    "LOCK_HEADER",
+    "ConfigurationError",
+    "DuplicateTaskError",
+    "LockStoreError",
+    "UniqueTask",
+    "UniqueTaskError",
+    "__version__",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,61 @@
+"""Exceptions raised by celery_unique.
+
+Every error derives from :class:`UniqueTaskError`, so ``except UniqueTaskError``
+catches all of them. Each one keeps the values it was built from as attributes
+and pickles back to an equal error, because Celery pickles exceptions that are
+raised inside workers (a duplicate raised by a chain link, for instance).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "DuplicateTaskError",
+    "LockStoreError",
+    "UniqueTaskError",
+]
+
+
+class UniqueTaskError(Exception):
+    """The root of every error this library raises."""
+
+
+class ConfigurationError(UniqueTaskError):
+    """The app's settings do not say where the lock store is, or say it wrongly."""
+
+
+class DuplicateTaskError(UniqueTaskError):
+    """The same task is already queued: another task id holds its lock.
+
+    ``task_id`` is the holder's id, ``key`` the Redis key of the lock and
+    ``task_name`` the name of the task that was refused.
+    """
+
+    def __init__(self, task_name: str, task_id: str, key: str) -> None:
+        self.task_name = task_name
+        self.task_id = task_id
+        self.key = key
+        super().__init__(
+            f"{task_name} is already queued as task {task_id} (lock {key})"
+        )
+
+    def __reduce__(self) -> tuple[type[DuplicateTaskError], tuple[str, str, str]]:
+        return (type(self), (self.task_name, self.task_id, self.key))
+
+
+class LockStoreError(UniqueTaskError):
+    """The lock store could not be reached; the Redis error is ``__cause__``.
+
+    Nothing was published when this is raised at enqueue.
+    """
+
+    def __init__(self, task_name: str, key: str, reason: str) -> None:
+        self.task_name = task_name
+        self.key = key
+        self.reason = reason
+        super().__init__(
+            f"{task_name}: the lock store did not answer for lock {key}: {reason}"
+        )
+
+    def __reduce__(self) -> tuple[type[LockStoreError], tuple[str, str, str]]:
+        return (type(self), (self.task_name, self.key, self.reason))

@@ -1,0 +1,137 @@
+"""Fixtures: a real redis-server started by the suite, Celery apps and workers on it.
+
+The broker is database 0, results database 1 and locks database 2 of one
+throwaway server. Workers are Celery's classic in-process test workers
+(``celery.contrib.testing``), or real ``celery worker`` subprocesses where a
+test needs a prefork pool.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from celery_unique import UniqueTask
+from celery_unique.testing import RedisServer
+
+CI = bool(os.environ.get("CI"))
+BROKER_DB, RESULT_DB, LOCK_DB = 0, 1, 2
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; a missing Redis fails in CI, skips locally."""
+    try:
+        server = RedisServer().start()
+    except RuntimeError as exc:
+        if CI:
+            raise
+        pytest.skip(f"no Redis server: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(autouse=True)
+def _clean_redis(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test starts with empty databases, if it uses Redis at all."""
+    if "redis_server" in request.fixturenames:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.client().flushall()
+    yield
+
+
+@pytest.fixture(scope="session")
+def celery_config(redis_server: RedisServer) -> dict[str, Any]:
+    """Settings of the classic ``celery_app`` fixture: everything on the test Redis."""
+    return {
+        "broker_url": redis_server.url(BROKER_DB),
+        "result_backend": redis_server.url(RESULT_DB),
+        "unique_redis_url": redis_server.url(LOCK_DB),
+        "broker_connection_retry_on_startup": False,
+        "task_default_queue": "celery",
+    }
+
+
+@pytest.fixture
+def locks(redis_server: RedisServer) -> redis.Redis:
+    """A client on the lock database, to look at locks directly."""
+    return redis_server.client(LOCK_DB)
+
+
+@pytest.fixture
+def broker(redis_server: RedisServer) -> redis.Redis:
+    """A client on the broker database, to count published messages."""
+    return redis_server.client(BROKER_DB)
+
+
+@pytest.fixture
+def tasks(celery_app: Celery) -> SimpleNamespace:
+    """The tasks the tests enqueue, registered on the test app."""
+    ns = SimpleNamespace()
+
+    @celery_app.task(base=UniqueTask, name="tests.send_report")
+    def send_report(user_id: int, period: str = "daily") -> str:
+        return f"report {user_id} {period}"
+
+    @celery_app.task(base=UniqueTask, name="tests.send_report_hourly", unique=600)
+    def send_report_hourly(user_id: int) -> str:
+        return f"hourly {user_id}"
+
+    @celery_app.task(base=UniqueTask, name="tests.fail")
+    def fail(user_id: int) -> None:
+        raise RuntimeError(f"cannot report on {user_id}")
+
+    @celery_app.task(base=UniqueTask, name="tests.slow")
+    def slow(user_id: int, seconds: float = 1.0) -> int:
+        time.sleep(seconds)
+        return user_id
+
+    @celery_app.task(base=UniqueTask, name="tests.flaky", bind=True, max_retries=3)
+    def flaky(self: UniqueTask, user_id: int, failures: int = 1) -> int:
+        if self.request.retries < failures:
+            raise self.retry(countdown=0.2)
+        return self.request.retries
+
+    @celery_app.task(base=UniqueTask, name="tests.held_by", bind=True)
+    def held_by(self: UniqueTask, user_id: int) -> str | None:
+        # Which task id holds this very call's lock while it runs.
+        from celery_unique.config import lock_store
+
+        key = self.request.headers["celery_unique_lock"]
+        return lock_store(self.app).holder(key)
+
+    for name, value in list(locals().items()):
+        if name not in ("ns", "celery_app"):
+            setattr(ns, name, value)
+    return ns
+
+
+@pytest.fixture
+def worker(celery_app: Celery, tasks: SimpleNamespace) -> Iterator[Any]:
+    """A real Celery worker (solo pool, in a thread) consuming the test app's queues."""
+    with start_worker(
+        celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=20
+    ) as w:
+        yield w
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns a true value; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.02)

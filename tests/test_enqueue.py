@@ -1,0 +1,196 @@
+"""Taking the lock at enqueue: duplicates, the same task id, every way to call."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_unique import LOCK_HEADER, DuplicateTaskError, UniqueTask
+from celery_unique.keys import parse_key
+
+
+def queued(broker: redis.Redis, queue: str = "celery") -> int:
+    return int(broker.llen(queue))
+
+
+def test_quick_start(tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis) -> None:
+    """The README example: a second identical enqueue names the holder and publishes nothing."""
+    r = tasks.send_report.apply_async((42,), unique=3600)
+    with pytest.raises(DuplicateTaskError) as info:
+        tasks.send_report.apply_async((42,), unique=3600)
+
+    assert info.value.task_id == r.id
+    assert locks.get(info.value.key) == r.id.encode()
+    assert "tests.send_report" in str(info.value)
+    assert queued(broker) == 1
+    assert 3590_000 < locks.pttl(info.value.key) <= 3600_000
+
+
+def test_different_arguments_are_not_duplicates(
+    tasks: SimpleNamespace, broker: redis.Redis
+) -> None:
+    """Another argument value is another task."""
+    tasks.send_report.apply_async((42,), unique=60)
+    tasks.send_report.apply_async((43,), unique=60)
+    tasks.send_report.apply_async((42, "weekly"), unique=60)
+    assert queued(broker) == 3
+
+
+def test_delay_uses_the_task_default(tasks: SimpleNamespace, locks: redis.Redis) -> None:
+    """delay() honours the task's default TTL from @app.task(unique=600)."""
+    first = tasks.send_report_hourly.delay(7)
+    with pytest.raises(DuplicateTaskError) as info:
+        tasks.send_report_hourly.delay(7)
+    assert info.value.task_id == first.id
+    assert 590_000 < locks.pttl(info.value.key) <= 600_000
+
+
+def test_per_call_ttl_overrides_task_default(tasks: SimpleNamespace, locks: redis.Redis) -> None:
+    """A per-call unique= wins over the task's default."""
+    tasks.send_report_hourly.apply_async((7,), unique=30)
+    with pytest.raises(DuplicateTaskError) as info:
+        tasks.send_report_hourly.apply_async((7,))
+    assert 20_000 < locks.pttl(info.value.key) <= 30_000
+
+
+def test_per_call_none_turns_locking_off(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """unique=None per call publishes plainly even when the task has a default."""
+    tasks.send_report_hourly.apply_async((7,), unique=None)
+    tasks.send_report_hourly.apply_async((7,), unique=None)
+    assert queued(broker) == 2
+    assert locks.dbsize() == 0
+
+
+def test_signature_set_unique(tasks: SimpleNamespace, broker: redis.Redis) -> None:
+    """A signature carries unique= through .set() to apply_async."""
+    first = tasks.send_report.s(42).set(unique=60).apply_async()
+    with pytest.raises(DuplicateTaskError) as info:
+        tasks.send_report.s(42).set(unique=60).delay()
+    assert info.value.task_id == first.id
+    assert queued(broker) == 1
+
+
+def test_same_task_id_is_not_a_duplicate(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """Re-enqueueing with the holder's own id passes, as Task.retry() does."""
+    tasks.send_report.apply_async((42,), unique=60, task_id="the-one")
+    tasks.send_report.apply_async((42,), unique=60, task_id="the-one", retries=1)
+    assert queued(broker) == 2
+    with pytest.raises(DuplicateTaskError):
+        tasks.send_report.apply_async((42,), unique=60, task_id="another")
+
+
+def test_lock_value_is_the_generated_task_id(tasks: SimpleNamespace, locks: redis.Redis) -> None:
+    """Without a caller-given id, the id is made before locking and is the lock's value."""
+    result = tasks.send_report.apply_async((1,), unique=60)
+    (key,) = locks.keys("*")
+    assert locks.get(key) == result.id.encode()
+
+
+def test_header_carries_the_lock_key(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """The published message carries the lock key in its headers, for the worker."""
+    tasks.send_report.apply_async((1,), unique=60, headers={"trace": "abc"})
+    (key,) = locks.keys("*")
+    message = json.loads(broker.lindex("celery", 0))
+    assert message["headers"][LOCK_HEADER] == key.decode()
+    assert message["headers"]["trace"] == "abc"
+
+
+def test_no_option_means_no_lock_store_at_all(celery_app: Celery, broker: redis.Redis) -> None:
+    """Without unique, a UniqueTask never talks to the lock store (here: unreachable)."""
+    celery_app.conf.unique_redis_url = "redis://127.0.0.1:1/0"
+
+    @celery_app.task(base=UniqueTask, name="tests.plain")
+    def plain(x: int) -> int:
+        return x
+
+    plain.delay(1)
+    plain.apply_async((1,))
+    plain.s(1).apply_async()
+    assert queued(broker) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "queue"),
+    [
+        ({}, "celery"),
+        ({"queue": "reports"}, "reports"),
+    ],
+)
+def test_key_names_the_routed_queue(
+    tasks: SimpleNamespace, locks: redis.Redis, options: dict[str, str], queue: str
+) -> None:
+    """The lock key holds the queue Celery publishes to."""
+    tasks.send_report.apply_async((1,), unique=60, **options)
+    (key,) = locks.keys("*")
+    assert parse_key(key.decode()).queue == queue
+
+
+def test_other_queue_is_not_a_duplicate(tasks: SimpleNamespace, broker: redis.Redis) -> None:
+    """The same call routed to another queue is another task."""
+    tasks.send_report.apply_async((42,), unique=60)
+    tasks.send_report.apply_async((42,), unique=60, queue="reports")
+    with pytest.raises(DuplicateTaskError):
+        tasks.send_report.apply_async((42,), unique=60, queue="reports")
+    assert queued(broker, "celery") == 1
+    assert queued(broker, "reports") == 1
+
+
+def test_queue_from_task_attribute_and_routes(celery_app: Celery, locks: redis.Redis) -> None:
+    """The queue comes from queue=, then the task's queue, then task_routes, then the default."""
+    celery_app.conf.task_routes = {"tests.routed": {"queue": "routed"}}
+
+    @celery_app.task(base=UniqueTask, name="tests.routed")
+    def routed(x: int) -> int:
+        return x
+
+    @celery_app.task(base=UniqueTask, name="tests.pinned", queue="pinned")
+    def pinned(x: int) -> int:
+        return x
+
+    routed.apply_async((1,), unique=60)
+    routed.apply_async((1,), unique=60, queue="explicit")
+    pinned.apply_async((1,), unique=60)
+    queues = sorted(parse_key(k.decode()).queue for k in locks.keys("*"))
+    assert queues == ["explicit", "pinned", "routed"]
+    # Routing by task_routes and naming the same queue explicitly is one task.
+    with pytest.raises(DuplicateTaskError):
+        routed.apply_async((1,), unique=60, queue="routed")
+
+
+def test_countdown_extends_the_lock(tasks: SimpleNamespace, locks: redis.Redis) -> None:
+    """With countdown, the lock lasts until processing time plus the TTL (Asynq's ProcessIn)."""
+    tasks.send_report.apply_async((1,), unique=10, countdown=100)
+    (key,) = locks.keys("*")
+    assert 109_000 < locks.pttl(key) <= 110_000
+
+
+def test_eta_extends_the_lock(celery_app: Celery, tasks: SimpleNamespace, locks: redis.Redis) -> None:
+    """With eta, the lock lasts until the eta plus the TTL (Asynq's ProcessAt)."""
+    from datetime import timedelta
+
+    tasks.send_report.apply_async((1,), unique=10, eta=celery_app.now() + timedelta(hours=1))
+    (key,) = locks.keys("*")
+    assert 3609_000 < locks.pttl(key) <= 3610_000
+
+
+def test_lock_store_is_one_client_per_app(celery_app: Celery, tasks: SimpleNamespace) -> None:
+    """Every enqueue of an app goes through one lock store and connection pool."""
+    from celery_unique.config import lock_store
+
+    tasks.send_report.apply_async((1,), unique=60)
+    store = lock_store(celery_app)
+    tasks.send_report.apply_async((2,), unique=60)
+    assert lock_store(celery_app) is store
+    assert store.client.connection_pool.connection_kwargs["port"] == int(
+        celery_app.conf.unique_redis_url.rsplit(":", 1)[1].split("/")[0]
+    )
