@@ -90,7 +90,7 @@ return 0
 
     def ttl_ms(self, key: str) -> int | None:
         """Return the lock's remaining life in milliseconds, or None if it is gone."""
-        ttl = int(self.client.pttl(key))  # type: ignore[arg-type]
+        ttl = int(self.client.pttl(key))
         return None if ttl == -2 else ttl
 
     def scan(self, match: str, count: int = 1000) -> Iterator[str]:

@@ -51,15 +51,19 @@ def release_lock(task: Task, request: Any) -> bool:
         return False
 
 
-@task_success.connect(weak=False)
 def _release_on_success(sender: Task | None = None, **_: Any) -> None:
     if sender is not None:
         release_lock(sender, sender.request)
 
 
-@task_revoked.connect(weak=False)
 def _release_on_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
     # Asynq: deleting a task releases its lock. Celery's counterparts are a
     # revoke (terminated or not) and an expired message.
     if sender is not None and request is not None:
         release_lock(sender, request)
+
+
+# Connected once, at import: the receivers act only on tasks whose message
+# carries a lock key, so other tasks pay one dict lookup.
+task_success.connect(_release_on_success, weak=False)
+task_revoked.connect(_release_on_revoked, weak=False)

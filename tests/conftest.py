@@ -42,12 +42,11 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_redis(request: pytest.FixtureRequest) -> Iterator[None]:
+def _clean_redis(request: pytest.FixtureRequest) -> None:
     """Every test starts with empty databases, if it uses Redis at all."""
     if "redis_server" in request.fixturenames:
         server: RedisServer = request.getfixturevalue("redis_server")
         server.client().flushall()
-    yield
 
 
 @pytest.fixture(scope="session")
