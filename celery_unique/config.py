@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
+from .options import ON_DUPLICATE, UNTIL, OnDuplicate, Until
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -44,6 +45,10 @@ class UniqueConfig:
     socket_timeout: float = 5.0
     #: Extra keyword arguments for ``redis.Redis.from_url`` (TLS files, ...).
     redis_options: dict[str, Any] = field(default_factory=dict)
+    #: App-wide default of the ``unique_until`` option.
+    until: Until = "success"
+    #: App-wide default of the ``on_duplicate`` option.
+    on_duplicate: OnDuplicate = "raise"
 
     @classmethod
     def from_app(cls, app: Celery) -> UniqueConfig:
@@ -67,7 +72,19 @@ class UniqueConfig:
         url = conf.get("unique_redis_url")
         if url is not None and not isinstance(url, str):
             raise ConfigurationError(f"unique_redis_url must be a string, not {url!r}")
+        until = conf.get("unique_until") or cls.until
+        on_duplicate = conf.get("unique_on_duplicate") or cls.on_duplicate
+        for setting, value, choices in (
+            ("unique_until", until, UNTIL),
+            ("unique_on_duplicate", on_duplicate, ON_DUPLICATE),
+        ):
+            if value not in choices:
+                raise ConfigurationError(
+                    f"{setting} must be one of {', '.join(map(repr, choices))}, not {value!r}"
+                )
         return cls(
+            until=until,
+            on_duplicate=on_duplicate,
             redis_url=url,
             key_prefix=prefix,
             socket_timeout=float(timeout),

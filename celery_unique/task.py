@@ -13,21 +13,30 @@ from celery import Task
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
 
-from . import signals
 from .config import app_state
 from .errors import DuplicateTaskError, LockStoreError
 from .keys import argument_digest, bind_arguments, format_key
 from .lock import LockStore
+from .options import (
+    ON_DUPLICATE,
+    OPTION_NAMES,
+    UNTIL,
+    OnDuplicate,
+    UniqueOptions,
+    Until,
+    check_choice,
+    check_unique_on,
+)
+from .signals import LOCK_HEADER, UNTIL_HEADER, task_duplicate
 from .ttl import delay_ms, ttl_ms
 
 __all__ = ["LOCK_HEADER", "UniqueTask"]
 
 logger = logging.getLogger(__name__)
 
-#: The message header that carries a task's lock key to the worker.
-LOCK_HEADER = signals.LOCK_HEADER
-
 _UNSET: Any = object()
+# The header Celery beat puts on the tasks it sends.
+_BEAT_HEADER = "celery_beat_task"
 
 
 class UniqueTask(Task):  # type: ignore[misc]
@@ -38,12 +47,21 @@ class UniqueTask(Task):  # type: ignore[misc]
     bound arguments and its routed queue, held by the new task's id for ``ttl``
     seconds (a number or a ``timedelta``, at least 1 second). While another
     task id holds it, the call raises :class:`~celery_unique.DuplicateTaskError`
-    and publishes nothing. The lock is released when the task succeeds, or is
-    revoked or expires; otherwise its TTL frees it.
+    and publishes nothing. By default the lock is released when the task
+    succeeds, or is revoked or expires; otherwise its TTL frees it.
+
+    The other options, per call or as task attributes, are ``unique_on``,
+    ``unique_until`` and ``on_duplicate`` (see the README).
     """
 
     #: Default lock TTL for every call; ``None`` means unique only when asked.
     unique: float | timedelta | None = None
+    #: Names of the parameters that make up the key; ``None`` means all.
+    unique_on: Sequence[str] | None = None
+    #: When the lock is released: "success", "finish" or "start".
+    unique_until: Until | None = None
+    #: What a duplicate does: "raise" or "existing" (return the holder's result).
+    on_duplicate: OnDuplicate | None = None
 
     def apply_async(
         self,
@@ -61,33 +79,34 @@ class UniqueTask(Task):  # type: ignore[misc]
         ``unique=`` (seconds or ``timedelta``) overrides the task's default
         TTL, and ``unique=None`` turns locking off for this call.
         """
-        ttl = options.pop("unique", _UNSET)
-        if ttl is _UNSET:
-            ttl = self.unique
-        if ttl is None:
-            return super().apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow, **options
-            )
+        requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
+        ttl = requested.get("unique", self.unique)
+        # A retry re-enqueues the task under its own id, carrying the lock
+        # header from its request: as in Asynq, it keeps the lock it has and
+        # is never checked again (a retry must not fail as its own duplicate).
+        if ttl is None or options.get("retries"):
+            return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
 
-        lock_ttl_ms = ttl_ms(self.name, ttl)
-        key = self.lock_key(args, kwargs, options)
-        lock_ttl_ms += delay_ms(self._get_app().now(), options.get("countdown"), options.get("eta"))
+        unique = self._resolve_options(ttl, requested)
+        key = self.lock_key(args, kwargs, options, unique_on=unique.unique_on)
+        lock_ttl_ms = unique.ttl_ms + delay_ms(
+            self._get_app().now(), options.get("countdown"), options.get("eta")
+        )
         # The lock's value is the task id, so the id must exist before the lock.
         task_id = task_id or uuid()
-        options["headers"] = {**(options.get("headers") or {}), LOCK_HEADER: key}
+        headers = dict(options.get("headers") or ())
+        from_beat = bool(headers.get(_BEAT_HEADER))
+        headers[LOCK_HEADER] = key
+        if unique.until != "success":
+            headers[UNTIL_HEADER] = unique.until
+        options["headers"] = headers
 
         store = app_state(self._get_app()).store
         holder = self._acquire(store, key, task_id, lock_ttl_ms)
         if holder is not None:
-            logger.info(
-                "celery_unique: refused duplicate of %s: task %s holds lock %s",
-                self.name, holder, key,
-            )
-            raise DuplicateTaskError(self.name, holder, key)
+            return self._on_duplicate(unique, holder, key, args, kwargs, from_beat)
         try:
-            return super().apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow, **options
-            )
+            return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
         except BaseException:
             # No lock without a published task: whatever stopped the publish
             # (broker down, serializer error, Ctrl-C), give the lock back.
@@ -99,12 +118,78 @@ class UniqueTask(Task):  # type: ignore[misc]
         args: Sequence[Any] | None,
         kwargs: Mapping[str, Any] | None,
         options: Mapping[str, Any],
+        unique_on: Sequence[str] | None = _UNSET,
     ) -> str:
-        """Return the lock key for a call: task name, routed queue and arguments."""
+        """Return the lock key for a call: task name, routed queue and arguments.
+
+        ``unique_on`` defaults to the task's; pass ``None`` for all arguments.
+        """
+        if unique_on is _UNSET:
+            unique_on = check_unique_on(self.name, self.unique_on)
         arguments = self._bound_arguments(args, kwargs)
-        digest = argument_digest(self.name, arguments)
+        if unique_on is not None:
+            arguments = self._select(arguments, unique_on)
+        digest = argument_digest(self.name, self.unique_identity(arguments))
         config = app_state(self._get_app()).config
-        return format_key(config.key_prefix, self._routed_queue(args, kwargs, options), self.name, digest)
+        queue = self._routed_queue(args, kwargs, options)
+        return format_key(config.key_prefix, queue, self.name, digest)
+
+    def unique_identity(self, arguments: dict[str, Any]) -> Any:
+        """Return what identifies a call among calls of this task.
+
+        ``arguments`` maps parameter names to values, defaults applied, after
+        ``unique_on`` kept the named ones. The result is serialized canonically
+        and hashed into the lock key. Override it to compute the identity
+        yourself, e.g. ``return arguments["url"].lower()``.
+        """
+        return arguments
+
+    def _publish(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        task_id: str | None,
+        producer: Any,
+        link: Any,
+        link_error: Any,
+        shadow: str | None,
+        options: dict[str, Any],
+    ) -> AsyncResult:
+        return super().apply_async(
+            args, kwargs, task_id, producer, link, link_error, shadow, **options
+        )
+
+    def _resolve_options(self, ttl: Any, requested: Mapping[str, Any]) -> UniqueOptions:
+        # Per call, then task attribute, then app setting, then default.
+        config = app_state(self._get_app()).config
+        until = requested.get("unique_until") or self.unique_until or config.until
+        on_duplicate = requested.get("on_duplicate") or self.on_duplicate or config.on_duplicate
+        unique_on = requested.get("unique_on", self.unique_on)
+        return UniqueOptions(
+            ttl_ms=ttl_ms(self.name, ttl),
+            unique_on=check_unique_on(self.name, unique_on),
+            until=check_choice(self.name, "unique_until", until, UNTIL),
+            on_duplicate=check_choice(self.name, "on_duplicate", on_duplicate, ON_DUPLICATE),
+        )
+
+    def _on_duplicate(
+        self,
+        unique: UniqueOptions,
+        holder: str,
+        key: str,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        from_beat: bool,
+    ) -> AsyncResult:
+        task_duplicate.send(sender=self, key=key, task_id=holder, args=args, kwargs=kwargs)
+        logger.info(
+            "celery_unique: refused duplicate of %s: task %s holds lock %s", self.name, holder, key
+        )
+        # Beat would log a duplicate as a scheduling ERROR with a traceback on
+        # every tick; for beat a duplicate is expected, so it is only logged.
+        if unique.on_duplicate == "existing" or from_beat:
+            return self.AsyncResult(holder)
+        raise DuplicateTaskError(self.name, holder, key)
 
     def _bound_arguments(
         self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
@@ -114,6 +199,26 @@ class UniqueTask(Task):  # type: ignore[misc]
             return bind_arguments(signature, args, kwargs, strict=bool(self.typing))
         except TypeError as exc:
             raise TypeError(f"{self.name}: {exc}") from None
+
+    def _select(self, arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+        signature = self._run_signature()
+        parameters = signature.parameters if signature is not None else {}
+        var_keyword = next(
+            (p.name for p in parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+        )
+        extra = arguments.get(var_keyword, {}) if var_keyword else {}
+        selected: dict[str, Any] = {}
+        for name in names:
+            if name in parameters and name != var_keyword:
+                selected[name] = arguments[name]
+            elif var_keyword is not None:
+                selected[name] = extra.get(name)
+            else:
+                raise ValueError(
+                    f"{self.name}: unique_on names {name!r}, which is not a parameter of the task "
+                    f"(parameters: {', '.join(parameters) or 'none'})"
+                )
+        return selected
 
     def _run_signature(self) -> inspect.Signature | None:
         # Tasks are one instance per app, so the signature is worked out once.

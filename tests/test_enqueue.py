@@ -81,7 +81,7 @@ def test_same_task_id_is_not_a_duplicate(
 ) -> None:
     """Re-enqueueing with the holder's own id passes, as Task.retry() does."""
     tasks.send_report.apply_async((42,), unique=60, task_id="the-one")
-    tasks.send_report.apply_async((42,), unique=60, task_id="the-one", retries=1)
+    tasks.send_report.apply_async((42,), unique=60, task_id="the-one")
     assert queued(broker) == 2
     with pytest.raises(DuplicateTaskError):
         tasks.send_report.apply_async((42,), unique=60, task_id="another")

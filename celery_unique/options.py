@@ -1,0 +1,59 @@
+"""The per-call options of a unique enqueue, resolved and checked.
+
+Each option can be given per call (``apply_async(..., opt=...)`` or
+``.set(opt=...)`` on a signature), as a task attribute
+(``@app.task(base=UniqueTask, opt=...)``) or, for ``unique_until`` and
+``on_duplicate``, as an app setting. Per call wins over the task attribute,
+which wins over the app setting, which wins over the built-in default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+__all__ = ["ON_DUPLICATE", "OPTION_NAMES", "UNTIL", "UniqueOptions", "check_choice", "check_unique_on"]
+
+Until = Literal["success", "finish", "start"]
+OnDuplicate = Literal["raise", "existing"]
+
+#: When a lock is released: on success (Asynq), on success or final failure,
+#: or as the task starts running.
+UNTIL: tuple[Until, ...] = ("success", "finish", "start")
+#: What a duplicate enqueue does: raise DuplicateTaskError, or return the
+#: holder's AsyncResult.
+ON_DUPLICATE: tuple[OnDuplicate, ...] = ("raise", "existing")
+
+#: Options a caller may pass to apply_async; they never reach kombu.
+OPTION_NAMES = ("unique", "unique_on", "unique_until", "on_duplicate")
+
+
+class UniqueOptions(NamedTuple):
+    """The resolved options of one unique enqueue."""
+
+    ttl_ms: int
+    unique_on: tuple[str, ...] | None
+    until: Until
+    on_duplicate: OnDuplicate
+
+
+def check_choice(task_name: str, option: str, value: Any, choices: Sequence[str]) -> Any:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError``."""
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ValueError(
+        f"{task_name}: {option} must be one of {', '.join(map(repr, choices))}, not {value!r}"
+    )
+
+
+def check_unique_on(task_name: str, value: Any) -> tuple[str, ...] | None:
+    """Return ``unique_on`` as a tuple of names (a lone string is one name)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    raise TypeError(
+        f"{task_name}: unique_on must be a sequence of parameter names, not {value!r}"
+    )
