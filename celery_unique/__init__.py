@@ -7,17 +7,24 @@
 
 from __future__ import annotations
 
+from .admin import LockInfo, UniqueLocks
 from .errors import ConfigurationError, DuplicateTaskError, LockStoreError, UniqueTaskError
+from .send import send_unique
+from .signals import task_duplicate
 from .task import LOCK_HEADER, UniqueTask
 
 __all__ = [
     "LOCK_HEADER",
     "ConfigurationError",
     "DuplicateTaskError",
+    "LockInfo",
     "LockStoreError",
+    "UniqueLocks",
     "UniqueTask",
     "UniqueTaskError",
     "__version__",
+    "send_unique",
+    "task_duplicate",
 ]
 
 __version__ = "0.1.0"

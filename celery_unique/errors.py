@@ -2,8 +2,9 @@
 
 Every error derives from :class:`UniqueTaskError`, so ``except UniqueTaskError``
 catches all of them. Each one keeps the values it was built from as attributes
-and pickles back to an equal error, because Celery pickles exceptions that are
-raised inside workers (a duplicate raised by a chain link, for instance).
+and as its ``args``, so it rebuilds as an equal error from a pickle and from a
+result backend's JSON (``cls(*args)``): Celery ships exceptions raised inside
+workers (a duplicate raised by a chain link, for instance) back to callers.
 """
 
 from __future__ import annotations
@@ -32,15 +33,13 @@ class DuplicateTaskError(UniqueTaskError):
     """
 
     def __init__(self, task_name: str, task_id: str, key: str) -> None:
+        super().__init__(task_name, task_id, key)
         self.task_name = task_name
         self.task_id = task_id
         self.key = key
-        super().__init__(
-            f"{task_name} is already queued as task {task_id} (lock {key})"
-        )
 
-    def __reduce__(self) -> tuple[type[DuplicateTaskError], tuple[str, str, str]]:
-        return (type(self), (self.task_name, self.task_id, self.key))
+    def __str__(self) -> str:
+        return f"{self.task_name} is already queued as task {self.task_id} (lock {self.key})"
 
 
 class LockStoreError(UniqueTaskError):
@@ -50,12 +49,10 @@ class LockStoreError(UniqueTaskError):
     """
 
     def __init__(self, task_name: str, key: str, reason: str) -> None:
+        super().__init__(task_name, key, reason)
         self.task_name = task_name
         self.key = key
         self.reason = reason
-        super().__init__(
-            f"{task_name}: the lock store did not answer for lock {key}: {reason}"
-        )
 
-    def __reduce__(self) -> tuple[type[LockStoreError], tuple[str, str, str]]:
-        return (type(self), (self.task_name, self.key, self.reason))
+    def __str__(self) -> str:
+        return f"{self.task_name}: the lock store did not answer for lock {self.key}: {self.reason}"

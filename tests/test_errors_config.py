@@ -206,3 +206,10 @@ def test_script_flush_is_recovered(tasks: SimpleNamespace, locks: redis.Redis) -
     with pytest.raises(DuplicateTaskError):
         tasks.send_report.apply_async((1,), unique=60)
     tasks.send_report.apply_async((2,), unique=60)
+
+
+def test_duplicate_error_rebuilds_from_its_args() -> None:
+    """A result backend rebuilds errors as cls(*args): the copy equals the original."""
+    error = DuplicateTaskError("proj.t", "id-1", "unique:celery:proj.t:d")
+    copy = DuplicateTaskError(*error.args)
+    assert (copy.task_id, copy.key, str(copy)) == ("id-1", error.key, str(error))

@@ -219,7 +219,8 @@ def test_task_duplicate_signal_and_log(
     assert (tuple(event["args"]), event["kwargs"]) == ((1,), {"period": "weekly"})
     (record,) = [r for r in caplog.records if r.name == "celery_unique.task"]
     assert record.levelno == logging.INFO
-    assert first.id in record.getMessage() and "tests.send_report" in record.getMessage()
+    assert first.id in record.getMessage()
+    assert "tests.send_report" in record.getMessage()
 
 
 # precedence --------------------------------------------------------------
@@ -268,5 +269,5 @@ def test_bad_app_setting(celery_app: Celery, tasks: SimpleNamespace) -> None:
     from celery_unique import ConfigurationError
 
     celery_app.conf.unique_on_duplicate = "ignore"
-    with pytest.raises(ConfigurationError, match="unique_on_duplicate must be one of .*'ignore'"):
+    with pytest.raises(ConfigurationError, match=r"unique_on_duplicate must be one of .*'ignore'"):
         tasks.send_report.apply_async((1,), unique=60)

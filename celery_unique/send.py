@@ -1,0 +1,88 @@
+"""``send_unique``: enqueue by name with uniqueness, where ``app.send_task`` cannot.
+
+``app.send_task`` publishes directly and never calls a task's
+``apply_async``, so it bypasses the lock. ``send_unique`` is the supported way
+to enqueue by name: it uses the registered task when the app has it (its
+signature binds the arguments, its options route the message) and otherwise
+keys the lock on the arguments exactly as given.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+from celery.result import AsyncResult
+
+from .task import UniqueTask
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["send_unique"]
+
+
+def send_unique(
+    app: Celery,
+    name: str,
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    unique: float | timedelta | None = None,
+    **options: Any,
+) -> AsyncResult:
+    """Enqueue the task ``name`` as ``send_task`` does, taking its unique lock first.
+
+    ``unique`` and the other unique options (``unique_on``, ``unique_until``,
+    ``on_duplicate``) work as in ``apply_async``. A registered ``UniqueTask``
+    with a default TTL needs no ``unique``.
+    """
+    registered = app.tasks.get(name)
+    if unique is not None:
+        options["unique"] = unique
+    if isinstance(registered, UniqueTask):
+        return registered.apply_async(args, kwargs, **options)
+    # Celery binds tasks to apps per class, so the stand-in is a class bound
+    # to this app.
+    bound = type("NamedTask", (_NamedTask,), {"_app": app, "__bound__": True})
+    return bound(name, registered).apply_async(args, kwargs, **options)
+
+
+class _NamedTask(UniqueTask):
+    """Stands in for a task the app knows only by name, or as a plain ``Task``."""
+
+    def __init__(self, name: str, registered: Task | None) -> None:
+        self.name = name
+        self._registered = registered
+        if registered is not None:
+            self.typing = registered.typing
+            self.__dict__["_unique_signature"] = inspect.signature(registered.run)
+        else:
+            # Another service's task: its parameters are unknown here, so the
+            # arguments are keyed as given.
+            self.typing = False
+            self.__dict__["_unique_signature"] = None
+
+    def _get_exec_options(self) -> dict[str, Any]:
+        if self._registered is not None:
+            return dict(self._registered._get_exec_options())
+        return {}
+
+    def _publish(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        task_id: str | None,
+        producer: Any,
+        link: Any,
+        link_error: Any,
+        shadow: str | None,
+        options: dict[str, Any],
+    ) -> AsyncResult:
+        return self._get_app().send_task(
+            self.name, args, kwargs, task_id=task_id, producer=producer,
+            link=link, link_error=link_error, shadow=shadow, **options,
+        )
