@@ -87,8 +87,10 @@ class RedisServer:
             "--daemonize", "no",
             *self.extra_args,
         ]
+        # A session of its own: a Ctrl-C in the terminal reaches the caller,
+        # which stops the server after its workers, not before them.
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + timeout
         probe = redis.Redis(host=self.host, port=self.port, socket_timeout=1)

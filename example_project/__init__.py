@@ -1,0 +1,1 @@
+"""An example Celery project whose tasks are unique while queued (celery-unique)."""
