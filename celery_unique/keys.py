@@ -106,7 +106,7 @@ def argument_digest(task_name: str, arguments: Mapping[str, Any]) -> str:
     """
     try:
         encoded = _ENCODER.encode(arguments)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(_unserializable(task_name, arguments, exc)) from exc
     digest = hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
@@ -116,7 +116,7 @@ def _unserializable(task_name: str, arguments: Mapping[str, Any], exc: Exception
     for name, value in arguments.items():
         try:
             _ENCODER.encode(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return (
                 f"{task_name}: argument {name!r} cannot be part of a unique key: "
                 f"{type(value).__name__} {_short_repr(value)} has no canonical JSON form ({exc})"
@@ -125,5 +125,8 @@ def _unserializable(task_name: str, arguments: Mapping[str, Any], exc: Exception
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "(too deeply nested to show)"
     return text if len(text) <= limit else f"{text[: limit - 3]}..."

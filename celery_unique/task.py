@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -255,9 +256,14 @@ class UniqueTask(Task):  # type: ignore[misc]
         try:
             return store.acquire(key, task_id, ttl)
         except redis.RedisError as exc:
-            # A timed-out SET may still have been applied; this id was never
-            # published, so an owner-checked release is always safe.
-            _release_quietly(store, key, task_id)
+            # A timed-out SET may still be applied once the server catches up;
+            # this id is never published, so an owner-checked release is always
+            # safe. It runs in the background: against a stalled server it
+            # would wait out a second timeout before the caller heard of it.
+            threading.Thread(
+                target=_release_quietly, args=(store, key, task_id),
+                name="celery-unique-cleanup", daemon=True,
+            ).start()
             raise LockStoreError(self.name, key, f"{type(exc).__name__}: {exc}") from exc
 
 
