@@ -23,5 +23,9 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m example_project.demo
 
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks.enqueue $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

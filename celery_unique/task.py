@@ -90,9 +90,10 @@ class UniqueTask(Task):  # type: ignore[misc]
 
         unique = self._resolve_options(ttl, requested)
         key = self.lock_key(args, kwargs, options, unique_on=unique.unique_on)
-        lock_ttl_ms = unique.ttl_ms + delay_ms(
-            self._get_app().now(), options.get("countdown"), options.get("eta")
-        )
+        lock_ttl_ms = unique.ttl_ms
+        countdown, eta = options.get("countdown"), options.get("eta")
+        if countdown or eta:
+            lock_ttl_ms += delay_ms(self._get_app().now(), countdown, eta)
         # The lock's value is the task id, so the id must exist before the lock.
         task_id = task_id or uuid()
         headers = dict(options.get("headers") or ())
@@ -244,7 +245,17 @@ class UniqueTask(Task):  # type: ignore[misc]
         # queue attribute, then task_routes, then task_default_queue. route()
         # pops from the dict it is given, so it gets a fresh one.
         app = self._get_app()
-        route = app.amqp.router.route(
+        router = app.amqp.router
+        if not router.routes:
+            # Without task_routes the router would only pick the first of
+            # these; skipping it saves a third of the key's cost.
+            queue = (
+                options.get("queue")
+                or self._get_exec_options().get("queue")
+                or app.conf.task_default_queue
+            )
+            return str(getattr(queue, "name", queue))
+        route = router.route(
             dict(self._get_exec_options(), **options), self.name, args, kwargs, self
         )
         queue = route.get("queue")

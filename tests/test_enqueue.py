@@ -135,6 +135,20 @@ def test_key_names_the_routed_queue(
     assert parse_key(key.decode()).queue == queue
 
 
+def test_queue_object_and_routing_key_options(
+    celery_app: Celery, tasks: SimpleNamespace, locks: redis.Redis
+) -> None:
+    """A kombu Queue keys by its name; routing_key alone and no queue means the default queue."""
+    from kombu import Queue
+
+    tasks.send_report.apply_async((1,), unique=60, queue=Queue("kq"))
+    tasks.send_report.apply_async((2,), unique=60, routing_key="rk")
+    celery_app.conf.task_default_queue = "fallback"
+    tasks.send_report.apply_async((3,), unique=60)
+    queues = sorted(parse_key(k.decode()).queue for k in locks.keys("*"))
+    assert queues == ["celery", "fallback", "kq"]
+
+
 def test_other_queue_is_not_a_duplicate(tasks: SimpleNamespace, broker: redis.Redis) -> None:
     """The same call routed to another queue is another task."""
     tasks.send_report.apply_async((42,), unique=60)

@@ -1,0 +1,1 @@
+"""Benchmarks of celery-unique; run one with ``python -m benchmarks.<name>``."""

@@ -1,0 +1,376 @@
+"""What a unique enqueue costs, next to a plain one and to celery-once and celery-singleton.
+
+Run ``python -m benchmarks.enqueue [--quick]``. It starts a throwaway
+``redis-server`` unless ``REDIS_URL`` names one; then everything (broker,
+locks, the other libraries' locks) lives in that URL's database, and the run
+deletes only the keys it created.
+
+Variants run interleaved, in a rotated order each round, so that drift of the
+machine (CPU frequency, other load) spreads over all of them instead of
+favouring whichever ran first. Each call is timed on its own and the median of
+all calls is reported, with each variant's throughput against plain Celery
+(plain median / variant median). Then three microbenchmarks: key derivation,
+one lock-store round trip, and Redis memory per held lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import celery
+import redis
+from celery import Celery
+from kombu.utils.uuid import uuid
+
+from celery_unique import DuplicateTaskError, UniqueTask
+from celery_unique.config import lock_store
+from celery_unique.testing import RedisServer
+
+#: A queue of its own, so that flushing it between rounds touches nothing else.
+QUEUE = "bench.enqueue"
+#: Lock TTL of every variant, in seconds.
+TTL = 60
+#: Key patterns of everything a run creates, deleted between rounds and at the end.
+UNIQUE_KEYS = f"unique:{QUEUE}:*"
+ONCE_KEYS = "qo_benchmarks.*"
+SINGLETON_PREFIX = "bench-singleton:"
+
+#: What the README promises; a miss is printed, never fatal.
+TARGETS = {"unique": 0.90, "duplicate": 4.0, "key_small_us": 15.0, "bytes_per_lock": 160.0}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to measure."""
+
+    rounds: int
+    calls: int
+    memory_locks: int
+    key_calls: int
+
+
+FULL = Settings(rounds=5, calls=2000, memory_locks=100_000, key_calls=20_000)
+QUICK = Settings(rounds=3, calls=20, memory_locks=2_000, key_calls=500)
+
+
+@dataclass
+class Variant:
+    """One way to enqueue: ``call(i)`` enqueues once, with ``i`` making the arguments new."""
+
+    name: str
+    call: Callable[[int], Any]
+    #: Run after each flush, before the variant's timed calls (the duplicate's held lock).
+    prepare: Callable[[], Any] = lambda: None
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.samples)
+
+
+def report(user_id: int, period: str = "daily", fmt: str = "pdf") -> str:
+    """The task body every variant enqueues; it never runs here."""
+    return f"{user_id} {period} {fmt}"
+
+
+# -- setup -------------------------------------------------------------------
+
+
+@contextmanager
+def redis_url(pin: bool) -> Iterator[str]:
+    """Yield ``$REDIS_URL``, or the URL of a redis-server started for this run."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        if pin:
+            pin_to_one_cpu(os.getpid())
+        yield url
+        return
+    with RedisServer() as server:
+        if pin and server.process is not None:
+            pin_to_one_cpu(os.getpid(), server.process.pid)
+        yield server.url(0)
+
+
+def pin_to_one_cpu(*pids: int) -> None:
+    """Run ``pids`` on one CPU, where the OS allows it.
+
+    A loopback round trip between two busy CPUs waits for a cross-CPU wakeup,
+    which on virtual machines costs tens of microseconds and varies from run to
+    run; on one CPU it is a context switch. Pinning measures the CPU cost of
+    each path with far less noise; unpinned is closer to a client and a Redis
+    on separate hosts, where the round trip dominates.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        print("pin: not supported on this platform, running unpinned")
+        return
+    cpu = min(os.sched_getaffinity(0))
+    for pid in pids:
+        os.sched_setaffinity(pid, {cpu})
+    print(f"pinned this process and the redis-server it started to CPU {cpu}")
+
+
+def make_app(url: str) -> Celery:
+    """A Celery app with broker, locks and the other libraries' locks all at ``url``."""
+    app = Celery("benchmarks", set_as_current=False)
+    app.conf.update(
+        broker_url=url,
+        broker_connection_retry_on_startup=False,
+        task_default_queue=QUEUE,
+        # No result backend and ignored results: the plain path is publish only.
+        result_backend=None,
+        task_ignore_result=True,
+        unique_redis_url=url,
+        ONCE={"backend": "celery_once.backends.Redis", "settings": {"url": url, "default_timeout": TTL}},
+        singleton_backend_url=url,
+        singleton_key_prefix=SINGLETON_PREFIX,
+        singleton_lock_expiry=TTL,
+    )
+    return app
+
+
+def core_variants(app: Celery) -> list[Variant]:
+    """Plain Celery, a unique enqueue that takes its lock, and one refused as a duplicate."""
+    plain = app.task(name="benchmarks.plain_report")(report)
+    unique = app.task(name="benchmarks.unique_report", base=UniqueTask)(report)
+
+    def hold() -> None:
+        unique.apply_async((-1, "held", "pdf"), unique=TTL)
+
+    def duplicate(_: int) -> None:
+        try:
+            unique.apply_async((-1, "held", "pdf"), unique=TTL)
+        except DuplicateTaskError:
+            pass
+        else:
+            raise AssertionError("the held lock did not refuse the duplicate")
+
+    return [
+        Variant("plain", lambda i: plain.apply_async((i, "daily", "pdf"))),
+        Variant("unique", lambda i: unique.apply_async((i, "daily", "pdf"), unique=TTL)),
+        Variant("duplicate", duplicate, prepare=hold),
+    ]
+
+
+def once_variant(app: Celery) -> Variant:
+    """celery-once's ``QueueOnce``, graceful, a new key each call."""
+    from celery_once import QueueOnce
+
+    task = app.task(name="benchmarks.once_report", base=QueueOnce, once={"graceful": True})(report)
+    return Variant("celery-once", lambda i: task.apply_async((i, "daily", "pdf"), once={"graceful": True}))
+
+
+def singleton_variant(app: Celery) -> Variant:
+    """celery-singleton's ``Singleton``, a new key each call."""
+    from celery_singleton import Singleton
+
+    task = app.task(name="benchmarks.singleton_report", base=Singleton)(report)
+    return Variant("celery-singleton", lambda i: task.apply_async((i, "daily", "pdf")))
+
+
+def optional_variants(app: Celery, client: redis.Redis) -> list[Variant]:
+    """The other libraries that import and work here; the rest are reported as skipped."""
+    variants = []
+    for name, build in (("celery-once", once_variant), ("celery-singleton", singleton_variant)):
+        try:
+            variant = build(app)
+            # One real call, so a library that imports but breaks on this
+            # Celery is skipped rather than failing mid-run.
+            variant.call(-2)
+        except Exception as exc:
+            print(f"skipped {name}: {type(exc).__name__}: {exc}")
+        else:
+            variants.append(variant)
+    flush(client)
+    return variants
+
+
+def flush(client: redis.Redis) -> None:
+    """Delete the queue and every lock this run created, and nothing else."""
+    client.delete(QUEUE)
+    for pattern in (UNIQUE_KEYS, ONCE_KEYS, f"{SINGLETON_PREFIX}*"):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        for start in range(0, len(keys), 1000):
+            client.unlink(*keys[start : start + 1000])
+
+
+def clean_up(client: redis.Redis) -> None:
+    """At the end: :func:`flush`, then kombu's binding records of the benchmark queue."""
+    flush(client)
+    # Deleted only now: kombu's Redis transport finds the queue of a published
+    # message through them, and declares them once per connection.
+    client.delete(f"_kombu.binding.{QUEUE}", f"_kombu.binding_permanent.{QUEUE}")
+
+
+# -- measuring ---------------------------------------------------------------
+
+
+def time_calls(call: Callable[[int], Any], first: int, count: int) -> list[float]:
+    """Time ``count`` calls one by one; return microseconds per call."""
+    clock = time.perf_counter_ns
+    samples = []
+    for i in range(first, first + count):
+        start = clock()
+        call(i)
+        samples.append((clock() - start) / 1000)
+    return samples
+
+
+def run_rounds(variants: list[Variant], client: redis.Redis, settings: Settings) -> None:
+    """Run every variant ``settings.rounds`` times, rotating the order each round."""
+    for variant in variants:  # warm-up: connections, script loads, caches
+        variant.prepare()
+        time_calls(variant.call, 10_000_000, 20)
+    flush(client)
+    next_arg = 0
+    for round_no in range(settings.rounds):
+        shift = round_no % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            variant.prepare()
+            gc.collect()  # a collection inside one variant's calls would bias it
+            variant.samples += time_calls(variant.call, next_arg, settings.calls)
+            next_arg += settings.calls
+            # The queue and the locks are emptied after each batch, so Redis
+            # memory and list length are the same for every variant.
+            flush(client)
+
+
+def per_call_us(fn: Callable[[], Any], calls: int, batches: int = 5) -> float:
+    """Median over ``batches`` of the mean time of ``calls`` calls of ``fn``, in µs."""
+    means = []
+    for _ in range(batches):
+        start = time.perf_counter_ns()
+        for _ in range(calls):
+            fn()
+        means.append((time.perf_counter_ns() - start) / 1000 / calls)
+    return statistics.median(means)
+
+
+def memory_per_lock(app: Celery, client: redis.Redis, task: Any, locks: int) -> float:
+    """Redis ``used_memory`` growth per lock, over ``locks`` locks with real keys and ids."""
+    store = lock_store(app)
+    flush(client)
+    before = int(client.info("memory")["used_memory"])
+    for i in range(locks):
+        key = task.lock_key((i, "daily", "pdf"), None, {})
+        store.acquire(key, uuid(), TTL * 1000)
+    after = int(client.info("memory")["used_memory"])
+    flush(client)
+    return (after - before) / locks
+
+
+# -- output ------------------------------------------------------------------
+
+
+def machine(client: redis.Redis) -> list[str]:
+    """Lines that say where the numbers come from."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return [
+        f"machine: {os.cpu_count()} cores, {model}, {platform.system()} {platform.release()}",
+        f"versions: Python {platform.python_version()}, Celery {celery.__version__}, "
+        f"redis-py {redis.__version__}, Redis {client.info('server')['redis_version']}",
+    ]
+
+
+def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
+    met = value >= target if higher_is_better else value <= target
+    sign = ">=" if higher_is_better else "<="
+    return f"target {sign} {target:g}: {'met' if met else 'NOT met'}"
+
+
+def print_results(variants: list[Variant], settings: Settings) -> None:
+    plain = variants[0].median_us
+    print(f"\nenqueue, {settings.rounds} rounds x {settings.calls} calls per variant, interleaved")
+    print(f"{'variant':<18}{'median us':>11}{'p90 us':>10}{'calls/s':>10}{'vs plain':>10}")
+    for v in variants:
+        p90 = statistics.quantiles(v.samples, n=10)[-1]
+        print(f"{v.name:<18}{v.median_us:>11.1f}{p90:>10.1f}{1e6 / v.median_us:>10.0f}"
+              f"{plain / v.median_us:>10.2f}")
+    print()
+    # One machine-readable line per variant: throughput relative to plain.
+    for v in variants:
+        ratio = plain / v.median_us
+        target = TARGETS.get(v.name)
+        note = f" ({verdict(ratio, target)})" if target else ""
+        print(f"ratio {v.name}: {ratio:.2f}{note}")
+    unique = {v.name: v.median_us for v in variants}
+    for other in ("celery-once", "celery-singleton"):
+        if other in unique:
+            faster = unique["unique"] < unique[other]
+            print(f"unique vs {other}: {unique[other] / unique['unique']:.2f}x "
+                  f"({'faster' if faster else 'NOT faster'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.enqueue", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few hundred calls, for a smoke test")
+    parser.add_argument("--rounds", type=int, help="rounds of interleaved variants")
+    parser.add_argument("--calls", type=int, help="timed calls per variant per round")
+    parser.add_argument("--pin", action="store_true", help="run client and its redis-server on one CPU")
+    ns = parser.parse_args(argv)
+    settings = QUICK if ns.quick else FULL
+    settings = Settings(
+        rounds=ns.rounds or settings.rounds,
+        calls=ns.calls or settings.calls,
+        memory_locks=settings.memory_locks,
+        key_calls=settings.key_calls,
+    )
+
+    with redis_url(ns.pin) as url:
+        client = redis.Redis.from_url(url)
+        app = make_app(url)
+        try:
+            for line in machine(client):
+                print(line)
+            variants = core_variants(app)
+            variants += optional_variants(app, client)
+            run_rounds(variants, client, settings)
+            print_results(variants, settings)
+            microbenchmarks(app, client, settings)
+        finally:
+            clean_up(client)
+            client.close()
+    return 0
+
+
+def microbenchmarks(app: Celery, client: redis.Redis, settings: Settings) -> None:
+    """Key derivation, one lock-store round trip and memory per lock."""
+    task = app.tasks["benchmarks.unique_report"]
+    small = per_call_us(lambda: task.lock_key((42, "daily", "pdf"), None, {}), settings.key_calls)
+    big_arg = "0123456789abcdef" * (1024 * 1024 // 16)  # 1 MiB of text
+    big_calls = max(settings.key_calls // 1000, 5)
+    big = per_call_us(lambda: task.lock_key((42, big_arg, "pdf"), None, {}), big_calls)
+    store = lock_store(app)
+    key = task.lock_key((-3, "daily", "pdf"), None, {})
+    holder = uuid()
+    acquire = per_call_us(lambda: store.acquire(key, holder, TTL * 1000), settings.key_calls // 4)
+    ping = per_call_us(client.ping, settings.key_calls // 4)
+    per_lock = memory_per_lock(app, client, task, settings.memory_locks)
+    print()
+    print(f"key derivation, 3 small args: {small:.1f} us ({verdict(small, TARGETS['key_small_us'], False)})")
+    print(f"key derivation, 1 MiB argument: {big:.0f} us")
+    print(f"lock store round trip (LockStore.acquire, lock held by caller): {acquire:.1f} us")
+    print(f"redis PING round trip: {ping:.1f} us")
+    print(f"redis memory per lock: {per_lock:.0f} bytes over {settings.memory_locks} locks "
+          f"({verdict(per_lock, TARGETS['bytes_per_lock'], False)})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The enqueue benchmark runs end to end in quick mode; its timings are never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from celery_unique.testing import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+#: A database no other test uses, so the benchmark's keys meet nothing else.
+BENCH_DB = 5
+
+
+class QuickRun(NamedTuple):
+    """A finished ``--quick`` run and the keys it left in its database."""
+
+    process: subprocess.CompletedProcess[str]
+    leftovers: list[bytes]
+
+
+@pytest.fixture(scope="module")
+def quick_run(redis_server: RedisServer) -> QuickRun:
+    """One ``--quick`` run against the suite's Redis, shared by the tests below."""
+    client = redis_server.client(BENCH_DB)
+    client.flushdb()
+    env = {**os.environ, "REDIS_URL": redis_server.url(BENCH_DB)}
+    process = subprocess.run(
+        [sys.executable, "-m", "benchmarks.enqueue", "--quick"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=90, check=False,
+    )
+    # Looked at here: every test starts by flushing all databases.
+    leftovers = sorted(client.scan_iter(count=1000))
+    client.close()
+    return QuickRun(process, leftovers)
+
+
+def test_quick_run_succeeds(quick_run: QuickRun) -> None:
+    """``python -m benchmarks.enqueue --quick`` exits 0."""
+    assert quick_run.process.returncode == 0, quick_run.process.stderr
+
+
+@pytest.mark.parametrize("variant", ["plain", "unique", "duplicate"])
+def test_core_variant_ratio_printed(quick_run: QuickRun, variant: str) -> None:
+    """Each celery-unique variant gets a throughput ratio against plain Celery."""
+    output = quick_run.process.stdout
+    assert re.search(rf"^ratio {variant}: \d+\.\d\d", output, re.MULTILINE), output
+
+
+@pytest.mark.parametrize(
+    ("variant", "module"), [("celery-once", "celery_once"), ("celery-singleton", "celery_singleton")]
+)
+def test_other_library_ratio_or_skip_printed(
+    quick_run: QuickRun, variant: str, module: str
+) -> None:
+    """An installed competitor gets a ratio line; a missing one is reported as skipped."""
+    if importlib.util.find_spec(module) is not None:
+        pattern = rf"^ratio {variant}: \d+\.\d\d"
+    else:
+        pattern = rf"^skipped {variant}: "
+    assert re.search(pattern, quick_run.process.stdout, re.MULTILINE), quick_run.process.stdout
+
+
+def test_microbenchmarks_printed(quick_run: QuickRun) -> None:
+    """Key derivation and memory per lock are reported."""
+    for line in ("key derivation, 3 small args:", "key derivation, 1 MiB argument:", "memory per lock:"):
+        assert line in quick_run.process.stdout
+
+
+def test_leaves_no_keys_behind(quick_run: QuickRun) -> None:
+    """The run deletes its queue and locks from the database it was given."""
+    assert quick_run.process.returncode == 0, quick_run.process.stderr
+    assert quick_run.leftovers == []
