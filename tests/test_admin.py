@@ -12,6 +12,7 @@ import redis
 from celery import Celery
 
 from celery_unique import UniqueLocks
+from celery_unique.config import app_state
 from celery_unique.testing import RedisServer, clear_locks
 
 pytest_plugins = ["celery_unique.testing"]
@@ -65,6 +66,25 @@ def test_is_locked(celery_app: Celery, tasks: SimpleNamespace, held: SimpleNames
     assert admin.is_locked(tasks.send_report, (1,), {"period": "daily"}) == held.a.id
     assert admin.is_locked(tasks.send_report, (2,), queue="reports") == held.b.id
     assert admin.is_locked(tasks.send_report, (2,)) is None
+
+
+def test_release_spares_a_lock_that_changed_hands(
+    celery_app: Celery, tasks: SimpleNamespace, locks: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """release(key) is owner-checked: if the lock changes hands after it was read, it stays."""
+    tasks.send_report.apply_async((1,), unique=60)
+    (key,) = (k.decode() for k in locks.keys("*"))
+    store = app_state(celery_app).store
+    read = store.holder
+
+    def read_then_hand_over(k: str) -> str | None:
+        holder = read(k)
+        locks.set(k, "newcomer", px=60_000)  # another task takes the lock meanwhile
+        return holder
+
+    monkeypatch.setattr(store, "holder", read_then_hand_over)
+    assert UniqueLocks(celery_app).release(key) is False
+    assert locks.get(key) == b"newcomer"
 
 
 def test_list_skips_other_keys(celery_app: Celery, held: SimpleNamespace, locks: redis.Redis) -> None:

@@ -208,3 +208,15 @@ def test_lock_store_is_one_client_per_app(celery_app: Celery, tasks: SimpleNames
     assert store.client.connection_pool.connection_kwargs["port"] == int(
         celery_app.conf.unique_redis_url.rsplit(":", 1)[1].split("/")[0]
     )
+
+
+def test_retry_message_is_published_unchecked(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """A retry (retries > 0) is never checked: it is published even if another id holds the lock."""
+    tasks.send_report.apply_async((42,), unique=60, task_id="newcomer")
+    retried = tasks.send_report.apply_async((42,), unique=60, task_id="original", retries=1)
+    assert retried.id == "original"
+    assert queued(broker) == 2
+    (key,) = locks.keys("*")
+    assert locks.get(key) == b"newcomer"
