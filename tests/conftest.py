@@ -42,11 +42,19 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_redis(request: pytest.FixtureRequest) -> None:
-    """Every test starts with empty databases, if it uses Redis at all."""
-    if "redis_server" in request.fixturenames:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        server.client().flushall()
+def _clean_redis(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test starts with empty databases and leaves no lock without a TTL."""
+    if "redis_server" not in request.fixturenames:
+        yield
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.client().flushall()
+    yield
+    # A lock without a TTL would block its call forever: none may exist,
+    # whatever the test did. Lock keys have at least three ':' separators.
+    client = server.client(LOCK_DB)
+    immortal = [key for key in client.scan_iter(match="*:*:*:*") if client.pttl(key) == -1]
+    assert not immortal, f"locks without a TTL: {immortal}"
 
 
 @pytest.fixture(scope="session")
