@@ -14,7 +14,7 @@ from celery import Task
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
 
-from .config import app_state
+from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
 from .keys import argument_digest, bind_arguments, format_key
 from .lock import LockStore
@@ -88,12 +88,14 @@ class UniqueTask(Task):  # type: ignore[misc]
         if ttl is None or options.get("retries"):
             return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
 
-        unique = self._resolve_options(ttl, requested)
-        key = self.lock_key(args, kwargs, options, unique_on=unique.unique_on)
+        app = self._get_app()
+        state = app_state(app)
+        unique = self._resolve_options(ttl, requested, state.config)
+        key = self._lock_key(args, kwargs, options, unique.unique_on, state.config)
         lock_ttl_ms = unique.ttl_ms
         countdown, eta = options.get("countdown"), options.get("eta")
         if countdown or eta:
-            lock_ttl_ms += delay_ms(self._get_app().now(), countdown, eta)
+            lock_ttl_ms += delay_ms(app.now(), countdown, eta)
         # The lock's value is the task id, so the id must exist before the lock.
         task_id = task_id or uuid()
         headers = dict(options.get("headers") or ())
@@ -103,7 +105,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             headers[UNTIL_HEADER] = unique.until
         options["headers"] = headers
 
-        store = app_state(self._get_app()).store
+        store = state.store
         holder = self._acquire(store, key, task_id, lock_ttl_ms)
         if holder is not None:
             return self._on_duplicate(unique, holder, key, args, kwargs, from_beat)
@@ -128,11 +130,21 @@ class UniqueTask(Task):  # type: ignore[misc]
         """
         if unique_on is _UNSET:
             unique_on = check_unique_on(self.name, self.unique_on)
+        config = app_state(self._get_app()).config
+        return self._lock_key(args, kwargs, options, unique_on, config)
+
+    def _lock_key(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+        unique_on: Sequence[str] | None,
+        config: UniqueConfig,
+    ) -> str:
         arguments = self._bound_arguments(args, kwargs)
         if unique_on is not None:
             arguments = self._select(arguments, unique_on)
         digest = argument_digest(self.name, self.unique_identity(arguments))
-        config = app_state(self._get_app()).config
         queue = self._routed_queue(args, kwargs, options)
         return format_key(config.key_prefix, queue, self.name, digest)
 
@@ -161,9 +173,10 @@ class UniqueTask(Task):  # type: ignore[misc]
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )
 
-    def _resolve_options(self, ttl: Any, requested: Mapping[str, Any]) -> UniqueOptions:
+    def _resolve_options(
+        self, ttl: Any, requested: Mapping[str, Any], config: UniqueConfig
+    ) -> UniqueOptions:
         # Per call, then task attribute, then app setting, then default.
-        config = app_state(self._get_app()).config
         until = requested.get("unique_until") or self.unique_until or config.until
         on_duplicate = requested.get("on_duplicate") or self.on_duplicate or config.on_duplicate
         unique_on = requested.get("unique_on", self.unique_on)
