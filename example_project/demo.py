@@ -19,22 +19,20 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 from celery.result import AsyncResult
 
 from celery_unique import DuplicateTaskError, UniqueTask
 from celery_unique.config import lock_store
-from celery_unique.testing import RedisServer
+from celery_unique.testing import RedisServer, wait_for
 from example_project.app import app, use_redis
 from example_project.config import WORKER_QUEUES
 from example_project.tasks import export_to_crm, send_report, sync_feed
-
-T = TypeVar("T")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKER_START_TIMEOUT = 30.0
@@ -81,18 +79,6 @@ def describe(task: UniqueTask, args: tuple[Any, ...], **options: Any) -> str:
     """Spell a call as its ``apply_async`` line, for the output."""
     parts = [repr(args), *(f"{name}={value!r}" for name, value in options.items())]
     return f"{task.name.rsplit('.', 1)[-1]}.apply_async({', '.join(parts)})"
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05) -> T | None:
-    """Poll ``predicate`` until it returns a true value; None after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(interval)
 
 
 # --- the worker -------------------------------------------------------------

@@ -20,7 +20,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_unique import UniqueTask
-from celery_unique.testing import RedisServer
+from celery_unique.testing import RedisServer, wait_for
 
 CI = bool(os.environ.get("CI"))
 BROKER_DB, RESULT_DB, LOCK_DB = 0, 1, 2
@@ -134,11 +134,7 @@ def worker(celery_app: Celery, tasks: SimpleNamespace) -> Iterator[Any]:
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
     """Poll ``predicate`` until it returns a true value; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.02)
+    value = wait_for(predicate, timeout)
+    if not value:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+    return value
