@@ -26,7 +26,7 @@ __all__ = ["UniqueConfig", "lock_store"]
 
 logger = logging.getLogger(__name__)
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # a broker_url the locks can share
 
 #: Attribute of the Celery app that holds this library's state for that app.
 _STATE_ATTR = "_celery_unique_state"
@@ -45,6 +45,11 @@ class UniqueConfig:
     socket_timeout: float = 5.0
     #: Extra keyword arguments for ``redis.Redis.from_url`` (TLS files, ...).
     redis_options: dict[str, Any] = field(default_factory=dict)
+    #: Sentinel options, as in ``broker_transport_options``: ``master_name``
+    #: (required with a ``sentinel://`` URL) and ``sentinel_kwargs``.
+    transport_options: dict[str, Any] = field(default_factory=dict)
+    #: Treat the URL as a seed node of a Redis Cluster.
+    cluster: bool = False
     #: App-wide default of the ``unique_until`` option.
     until: Until = "success"
     #: App-wide default of the ``on_duplicate`` option.
@@ -69,6 +74,14 @@ class UniqueConfig:
             raise ConfigurationError(
                 f"unique_redis_options must be a dict, not {options!r}"
             )
+        transport_options = conf.get("unique_redis_transport_options") or {}
+        if not isinstance(transport_options, dict):
+            raise ConfigurationError(
+                f"unique_redis_transport_options must be a dict, not {transport_options!r}"
+            )
+        cluster = conf.get("unique_redis_cluster", False)
+        if not isinstance(cluster, bool):
+            raise ConfigurationError(f"unique_redis_cluster must be True or False, not {cluster!r}")
         url = conf.get("unique_redis_url")
         if url is not None and not isinstance(url, str):
             raise ConfigurationError(f"unique_redis_url must be a string, not {url!r}")
@@ -83,6 +96,8 @@ class UniqueConfig:
                     f"{setting} must be one of {', '.join(map(repr, choices))}, not {value!r}"
                 )
         return cls(
+            transport_options=dict(transport_options),
+            cluster=cluster,
             until=until,
             on_duplicate=on_duplicate,
             redis_url=url,
@@ -129,14 +144,19 @@ class _AppState:
     @property
     def store(self) -> LockStore:
         if self._store is None:
+            from .connection import connect
             from .lock import LockStore
 
             with _state_lock:
                 if self._store is None:
-                    self._store = LockStore.from_url(
-                        self.config.resolve_redis_url(self._app),
-                        socket_timeout=self.config.socket_timeout,
-                        **self.config.redis_options,
+                    self._store = LockStore(
+                        connect(
+                            self.config.resolve_redis_url(self._app),
+                            socket_timeout=self.config.socket_timeout,
+                            options=self.config.redis_options,
+                            transport_options=self.config.transport_options,
+                            cluster=self.config.cluster,
+                        )
                     )
         return self._store
 

@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 __all__ = ["LockStore"]
 
@@ -53,27 +51,12 @@ end
 return 0
 """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis | redis.RedisCluster) -> None:
         self.client = client
         # Registered once; redis-py's Script reloads itself on NOSCRIPT, so a
         # SCRIPT FLUSH or a restarted server costs one extra round trip, no error.
         self._acquire = client.register_script(self.ACQUIRE_SCRIPT)
         self._release = client.register_script(self.RELEASE_SCRIPT)
-
-    @classmethod
-    def from_url(cls, url: str, *, socket_timeout: float, **options: Any) -> LockStore:
-        """Connect to the Redis at ``url``, waiting at most ``socket_timeout`` seconds.
-
-        A dropped connection (a restarted server, a pooled socket closed by a
-        proxy) is retried once on a fresh connection. Timeouts are not retried:
-        the caller hears of a stalled server within ``socket_timeout``.
-        """
-        options.setdefault("socket_connect_timeout", socket_timeout)
-        options.setdefault(
-            "retry", Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
-        )
-        client = redis.Redis.from_url(url, socket_timeout=socket_timeout, **options)
-        return cls(client)
 
     def acquire(self, key: str, task_id: str, ttl_ms: int) -> str | None:
         """Take the lock for ``task_id``; return None if it holds it, else the holder."""

@@ -1,0 +1,79 @@
+"""The lock store on a real 3-primary Redis Cluster, with real workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from celery_unique import DuplicateTaskError, UniqueLocks, UniqueTask
+from celery_unique.testing import RedisServer
+from tests.cluster_support import LocalCluster
+from tests.conftest import wait_until
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """A Redis Cluster of three primaries on loopback ports, stopped after the module."""
+    with LocalCluster() as running:
+        yield running
+
+
+@pytest.fixture
+def cluster_app(redis_server: RedisServer, cluster: LocalCluster) -> Celery:
+    """An app whose broker is the suite's Redis and whose locks live on the cluster."""
+    for node in cluster.nodes:
+        node.client().flushall()
+    app = Celery("cluster", set_as_current=False)
+    app.conf.update(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        broker_connection_retry_on_startup=False,
+        unique_redis_url=cluster.url,
+        unique_redis_cluster=True,
+    )
+
+    @app.task(base=UniqueTask, name="tests.cluster_report")
+    def cluster_report(user_id: int) -> int:
+        return user_id
+
+    return app
+
+
+def test_locks_spread_over_every_primary(cluster_app: Celery, cluster: LocalCluster) -> None:
+    """Locks of many calls land on all three primaries, and each duplicate is refused."""
+    task: Any = cluster_app.tasks["tests.cluster_report"]
+    results = [task.apply_async((i,), unique=60) for i in range(60)]
+    for i in (0, 17, 59):
+        with pytest.raises(DuplicateTaskError) as info:
+            task.apply_async((i,), unique=60)
+        assert info.value.task_id == results[i].id
+    per_node = [node.client().dbsize() for node in cluster.nodes]
+    assert sum(per_node) == 60
+    assert all(count > 0 for count in per_node), per_node
+
+
+def test_admin_scans_every_primary(cluster_app: Celery, cluster: LocalCluster) -> None:
+    """UniqueLocks lists and clears locks on all primaries."""
+    task: Any = cluster_app.tasks["tests.cluster_report"]
+    ids = {task.apply_async((i,), unique=60).id for i in range(30)}
+    admin = UniqueLocks(cluster_app)
+    assert {lock.task_id for lock in admin.list()} == ids
+    assert admin.clear(task_name="tests.cluster_report") == 30
+    assert sum(node.client().dbsize() for node in cluster.nodes) == 0
+
+
+def test_worker_releases_on_the_cluster(cluster_app: Celery, cluster: LocalCluster) -> None:
+    """A real worker's success releases cluster locks, owner-checked; the call is accepted again."""
+    task: Any = cluster_app.tasks["tests.cluster_report"]
+    with start_worker(cluster_app, pool="solo", perform_ping_check=False):
+        results = [task.apply_async((i,), unique=60) for i in range(10)]
+        assert [r.get(timeout=10) for r in results] == list(range(10))
+        wait_until(
+            lambda: sum(node.client().dbsize() for node in cluster.nodes) == 0,
+            what="all cluster locks released",
+        )
+        assert task.apply_async((3,), unique=60).get(timeout=10) == 3
