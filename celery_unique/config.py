@@ -50,6 +50,9 @@ class UniqueConfig:
     transport_options: dict[str, Any] = field(default_factory=dict)
     #: Treat the URL as a seed node of a Redis Cluster.
     cluster: bool = False
+    #: Celery's ``task_default_queue``, read once with the rest: the queue of
+    #: every call that names none, when there are no ``task_routes``.
+    default_queue: str = "celery"
     #: App-wide default of the ``unique_until`` option.
     until: Until = "success"
     #: App-wide default of the ``on_duplicate`` option.
@@ -96,6 +99,7 @@ class UniqueConfig:
                     f"{setting} must be one of {', '.join(map(repr, choices))}, not {value!r}"
                 )
         return cls(
+            default_queue=str(conf.get("task_default_queue") or cls.default_queue),
             transport_options=dict(transport_options),
             cluster=cluster,
             until=until,

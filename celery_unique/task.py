@@ -145,7 +145,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         if unique_on is not None:
             arguments = self._select(arguments, unique_on)
         digest = argument_digest(self.name, self.unique_identity(arguments))
-        queue = self._routed_queue(args, kwargs, options)
+        queue = self._routed_queue(args, kwargs, options, config.default_queue)
         return format_key(config.key_prefix, queue, self.name, digest)
 
     def unique_identity(self, arguments: dict[str, Any]) -> Any:
@@ -253,6 +253,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         args: Sequence[Any] | None,
         kwargs: Mapping[str, Any] | None,
         options: Mapping[str, Any],
+        default_queue: str,
     ) -> str:
         # The queue Celery will publish to: the queue option, then the task's
         # queue attribute, then task_routes, then task_default_queue. route()
@@ -265,7 +266,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             queue = (
                 options.get("queue")
                 or self._get_exec_options().get("queue")
-                or app.conf.task_default_queue
+                or default_queue
             )
             return str(getattr(queue, "name", queue))
         route = router.route(

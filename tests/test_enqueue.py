@@ -144,6 +144,7 @@ def test_queue_object_and_routing_key_options(
     tasks.send_report.apply_async((1,), unique=60, queue=Queue("kq"))
     tasks.send_report.apply_async((2,), unique=60, routing_key="rk")
     celery_app.conf.task_default_queue = "fallback"
+    del celery_app._celery_unique_state  # settings are read once per app
     tasks.send_report.apply_async((3,), unique=60)
     queues = sorted(parse_key(k.decode()).queue for k in locks.keys("*"))
     assert queues == ["celery", "fallback", "kq"]

@@ -133,6 +133,8 @@ def test_non_redis_broker_needs_a_url(broker: redis.Redis) -> None:
         ("unique_redis_socket_timeout", "5"),
         ("unique_redis_options", ["ssl"]),
         ("unique_redis_url", 6379),
+        ("unique_redis_cluster", "yes"),
+        ("unique_redis_transport_options", ["mymaster"]),
     ],
 )
 def test_bad_settings_are_refused(celery_app: Celery, setting: str, value: object) -> None:
