@@ -32,6 +32,14 @@ class LocalCluster:
         return self.nodes[0].url(0)
 
     def start(self, timeout: float = 20.0) -> LocalCluster:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.close()  # no node outlives a cluster that did not come up
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
         for node in self.nodes:
             node.start()
         clients = [node.client() for node in self.nodes]
@@ -47,10 +55,8 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while not all(_cluster_ok(client, len(clients)) for client in clients):
             if time.monotonic() > deadline:
-                self.close()
                 raise RuntimeError("the local Redis Cluster did not reach cluster_state:ok")
             time.sleep(0.1)
-        return self
 
     def close(self) -> None:
         for node in self.nodes:

@@ -36,7 +36,7 @@ def cluster_app(redis_server: RedisServer, cluster: LocalCluster) -> Celery:
         unique_redis_cluster=True,
     )
 
-    @app.task(base=UniqueTask, name="tests.cluster_report")
+    @app.task(base=UniqueTask, name="tests.cluster_report", shared=False)
     def cluster_report(user_id: int) -> int:
         return user_id
 
