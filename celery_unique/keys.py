@@ -20,11 +20,14 @@ import hashlib
 import inspect
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kombu.utils.json import JSONEncoder
 
-__all__ = ["LockKey", "argument_digest", "bind_arguments", "format_key", "parse_key"]
+if TYPE_CHECKING:
+    from .task import UniqueTask
+
+__all__ = ["LockKey", "argument_digest", "bind_arguments", "call_digest", "format_key", "parse_key"]
 
 # One encoder for every call: it holds no state between calls, and building
 # one per call costs more than encoding three small arguments.
@@ -67,6 +70,71 @@ def parse_key(key: str) -> LockKey:
     """Split a lock key made by :func:`format_key` back into its parts."""
     prefix, queue, task_name, digest = key.rsplit(":", 3)
     return LockKey(prefix, unescape(queue), unescape(task_name), digest)
+
+
+def call_digest(
+    task: UniqueTask,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    unique_on: Sequence[str] | None,
+) -> str:
+    """Return the digest of what identifies a call of ``task`` (the key's last part).
+
+    The one place a call's identity is derived: bind the arguments to the
+    task's signature, keep the ``unique_on`` names, apply the task's
+    ``unique_identity()`` hook, encode canonically and hash.
+    """
+    signature = run_signature(task)
+    try:
+        arguments = bind_arguments(signature, args, kwargs, strict=bool(task.typing))
+    except TypeError as exc:
+        raise TypeError(f"{task.name}: {exc}") from None
+    if unique_on is not None:
+        arguments = _select(task.name, signature, arguments, unique_on)
+    return argument_digest(task.name, task.unique_identity(arguments))
+
+
+def run_signature(task: Any) -> inspect.Signature | None:
+    """Return the signature of ``task.run``, worked out once per task instance.
+
+    A stand-in task may set ``task.__dict__["_unique_signature"]`` itself
+    (``None`` when the parameters are unknown).
+    """
+    try:
+        return task.__dict__["_unique_signature"]  # type: ignore[no-any-return]
+    except KeyError:
+        pass
+    try:
+        signature: inspect.Signature | None = inspect.signature(task.run)
+    except (TypeError, ValueError):
+        signature = None
+    task.__dict__["_unique_signature"] = signature
+    return signature
+
+
+def _select(
+    task_name: str,
+    signature: inspect.Signature | None,
+    arguments: dict[str, Any],
+    names: Sequence[str],
+) -> dict[str, Any]:
+    parameters = signature.parameters if signature is not None else {}
+    var_keyword = next(
+        (p.name for p in parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+    )
+    extra = arguments.get(var_keyword, {}) if var_keyword else {}
+    selected: dict[str, Any] = {}
+    for name in names:
+        if name in parameters and name != var_keyword:
+            selected[name] = arguments[name]
+        elif var_keyword is not None:
+            selected[name] = extra.get(name)
+        else:
+            raise ValueError(
+                f"{task_name}: unique_on names {name!r}, which is not a parameter of the task "
+                f"(parameters: {', '.join(parameters) or 'none'})"
+            )
+    return selected
 
 
 def bind_arguments(

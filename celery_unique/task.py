@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,7 @@ from kombu.utils.uuid import uuid
 
 from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
-from .keys import argument_digest, bind_arguments, format_key
+from .keys import call_digest, format_key
 from .lock import LockStore
 from .options import (
     ON_DUPLICATE,
@@ -141,10 +140,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         unique_on: Sequence[str] | None,
         config: UniqueConfig,
     ) -> str:
-        arguments = self._bound_arguments(args, kwargs)
-        if unique_on is not None:
-            arguments = self._select(arguments, unique_on)
-        digest = argument_digest(self.name, self.unique_identity(arguments))
+        digest = call_digest(self, args, kwargs, unique_on)
         queue = self._routed_queue(args, kwargs, options, config.default_queue)
         return format_key(config.key_prefix, queue, self.name, digest)
 
@@ -205,48 +201,6 @@ class UniqueTask(Task):  # type: ignore[misc]
         if unique.on_duplicate == "existing" or from_beat:
             return self.AsyncResult(holder)
         raise DuplicateTaskError(self.name, holder, key)
-
-    def _bound_arguments(
-        self, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
-    ) -> dict[str, Any]:
-        signature = self._run_signature()
-        try:
-            return bind_arguments(signature, args, kwargs, strict=bool(self.typing))
-        except TypeError as exc:
-            raise TypeError(f"{self.name}: {exc}") from None
-
-    def _select(self, arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
-        signature = self._run_signature()
-        parameters = signature.parameters if signature is not None else {}
-        var_keyword = next(
-            (p.name for p in parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
-        )
-        extra = arguments.get(var_keyword, {}) if var_keyword else {}
-        selected: dict[str, Any] = {}
-        for name in names:
-            if name in parameters and name != var_keyword:
-                selected[name] = arguments[name]
-            elif var_keyword is not None:
-                selected[name] = extra.get(name)
-            else:
-                raise ValueError(
-                    f"{self.name}: unique_on names {name!r}, which is not a parameter of the task "
-                    f"(parameters: {', '.join(parameters) or 'none'})"
-                )
-        return selected
-
-    def _run_signature(self) -> inspect.Signature | None:
-        # Tasks are one instance per app, so the signature is worked out once.
-        try:
-            return self.__dict__["_unique_signature"]  # type: ignore[no-any-return]
-        except KeyError:
-            pass
-        try:
-            signature: inspect.Signature | None = inspect.signature(self.run)
-        except (TypeError, ValueError):
-            signature = None
-        self.__dict__["_unique_signature"] = signature
-        return signature
 
     def _routed_queue(
         self,
