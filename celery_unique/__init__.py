@@ -12,6 +12,7 @@ from .errors import ConfigurationError, DuplicateTaskError, LockStoreError, Uniq
 from .send import send_unique
 from .signals import task_duplicate
 from .task import LOCK_HEADER, UniqueTask
+from .worker import UniqueRequest
 
 __all__ = [
     "LOCK_HEADER",
@@ -20,6 +21,7 @@ __all__ = [
     "LockInfo",
     "LockStoreError",
     "UniqueLocks",
+    "UniqueRequest",
     "UniqueTask",
     "UniqueTaskError",
     "__version__",

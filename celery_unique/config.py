@@ -57,6 +57,12 @@ class UniqueConfig:
     until: Until = "success"
     #: App-wide default of the ``on_duplicate`` option.
     on_duplicate: OnDuplicate = "raise"
+    #: Seconds a running marker lives without a heartbeat (renewed every third
+    #: of it): how long a copy of a task id waits after its worker died.
+    running_ttl: float = 30.0
+    #: Check a refused duplicate's holder against its stored state, and take
+    #: over the lock of a holder that has finished (needs a result backend).
+    check_holder: bool = True
 
     @classmethod
     def from_app(cls, app: Celery) -> UniqueConfig:
@@ -85,6 +91,20 @@ class UniqueConfig:
         cluster = conf.get("unique_redis_cluster", False)
         if not isinstance(cluster, bool):
             raise ConfigurationError(f"unique_redis_cluster must be True or False, not {cluster!r}")
+        running_ttl = conf.get("unique_running_ttl", cls.running_ttl)
+        if (
+            isinstance(running_ttl, bool)
+            or not isinstance(running_ttl, (int, float))
+            or not running_ttl >= 1
+        ):
+            raise ConfigurationError(
+                f"unique_running_ttl must be a number of seconds, at least 1, not {running_ttl!r}"
+            )
+        check_holder = conf.get("unique_check_holder", cls.check_holder)
+        if not isinstance(check_holder, bool):
+            raise ConfigurationError(
+                f"unique_check_holder must be True or False, not {check_holder!r}"
+            )
         url = conf.get("unique_redis_url")
         if url is not None and not isinstance(url, str):
             raise ConfigurationError(f"unique_redis_url must be a string, not {url!r}")
@@ -108,6 +128,8 @@ class UniqueConfig:
             key_prefix=prefix,
             socket_timeout=float(timeout),
             redis_options=dict(options),
+            running_ttl=float(running_ttl),
+            check_holder=check_holder,
         )
 
     def resolve_redis_url(self, app: Celery) -> str:

@@ -1,104 +1,194 @@
-"""Worker-side release of locks, and the ``task_duplicate`` signal.
+"""Signal receivers that end runs, and the ``task_duplicate`` signal.
 
-The lock key travels with the task in the ``celery_unique_lock`` message
-header, so the worker never recomputes it; ``celery_unique_until`` says when
-to release it when that is not on success. Every release is owner-checked
-against the task id: a task whose lock expired while it ran, or a message
-whose header was forged, cannot delete a lock another task holds.
+``UniqueTask`` runs its body inside a run of its own (see
+:mod:`celery_unique.execution`). These receivers cover the rest:
 
-=============  ==========================================================
-``unique_until``  released on
-=============  ==========================================================
-``success``    ``task_success`` (Asynq's rule; the default)
-``finish``     ``task_success``, or ``task_failure`` (a final failure)
-``start``      ``task_prerun``, as the task starts running
-(any)          ``task_revoked``: a revoke or an expired message
-=============  ==========================================================
+* tasks of other classes whose message carries a lock (``send_unique`` to a
+  plain task, a plain task that replaced a unique one): a run begins at
+  ``task_prerun`` and ends at ``task_success``, ``task_failure``,
+  ``task_retry`` or ``task_postrun``;
+* failures the worker's main process reports (a pool process that died, a
+  hard time limit);
+* ``task_revoked``: a revoke or an expired message releases the lock (Asynq:
+  deleting a task releases its lock), except a terminate with a signal the
+  task may survive, such as ``SIGUSR1``: that task ends its run itself, or its
+  death is reported to the main process (see :mod:`celery_unique.worker`).
 """
 
 from __future__ import annotations
 
 import logging
+import signal as _signal
+import threading
 from typing import Any
 
 import redis
-from celery import Task
-from celery.signals import task_failure, task_prerun, task_revoked, task_success
+from celery import Task, states
+from celery.signals import (
+    beat_init,
+    task_failure,
+    task_postrun,
+    task_prerun,
+    task_retry,
+    task_revoked,
+    task_success,
+)
 from celery.utils.dispatch import Signal
 
-from .config import app_state
+from .execution import LOCK_HEADER, RUN_ATTR, UNTIL_HEADER, Run, begin_run, lock_of, worker_state
 
-__all__ = ["LOCK_HEADER", "UNTIL_HEADER", "task_duplicate"]
+__all__ = ["LOCK_HEADER", "UNTIL_HEADER", "in_beat", "task_duplicate"]
 
 logger = logging.getLogger(__name__)
-
-#: The message header that carries a task's lock key to the worker.
-LOCK_HEADER = "celery_unique_lock"
-#: The message header that says when to release, if not on success.
-UNTIL_HEADER = "celery_unique_until"
 
 #: Sent for every refused duplicate, with ``sender=<task>``, ``key``,
 #: ``task_id`` (the holder), ``args`` and ``kwargs``.
 task_duplicate = Signal(name="task_duplicate")
 
+# Runs of tasks that are not UniqueTasks, by task id: a failure Celery reports
+# after the request left the task's stack (applying a chain link raised) is
+# found here by its id.
+_plain_runs: dict[str, Run] = {}
 
-def release_lock(task: Task, request: Any, when: str) -> bool:
-    """Release the lock ``request`` carries if it is due ``when`` and the task holds it."""
-    # Custom message headers land in request.headers, in a worker and in
-    # eager mode alike (Task.retry() copies them into the retry message).
-    headers = getattr(request, "headers", None)
-    if not headers:
-        return False
-    key = headers.get(LOCK_HEADER)
-    if not isinstance(key, str) or not request.id:
-        return False
-    if when != "revoked" and when not in _RELEASED_ON.get(headers.get(UNTIL_HEADER), ()):
-        return False
+# Signals a terminated task cannot survive: its lock goes with the revoke.
+_FATAL_SIGNALS = frozenset({_signal.SIGTERM, _signal.SIGKILL})
+
+_local = threading.local()
+
+
+def in_beat() -> bool:
+    """Whether this thread runs Celery beat's scheduler (``beat_init`` was sent here)."""
+    return bool(getattr(_local, "beat", False))
+
+
+def _on_beat_init(**_: Any) -> None:
+    # Beat sends beat_init from the thread that then runs its scheduler loop,
+    # as a process, an embedded process or an embedded thread alike.
+    _local.beat = True
+
+
+def _runs_itself(task: Any) -> bool:
+    return bool(getattr(task, "runs_its_own_lock", False))
+
+
+def _on_prerun(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
+    if sender is None or _runs_itself(sender):
+        return
+    run = begin_run(sender, sender.request)
+    if run is None:
+        return
+    verdict = run.begin()
+    if verdict != "run":
+        # Only a UniqueTask can hold back a second copy of itself.
+        logger.warning(
+            "celery_unique: task %s[%s] runs while another copy of it runs or has run",
+            sender.name, run.task_id,
+        )
+    _plain_runs[run.task_id] = run
+
+
+def _end_plain(task_id: str | None, outcome: Any) -> None:
+    run = _plain_runs.pop(task_id, None) if task_id else None
+    if run is not None:
+        run.end(outcome)
+
+
+def _on_success(sender: Task | None = None, **_: Any) -> None:
+    if sender is not None:
+        _end_plain(sender.request.id, "success")
+
+
+def _on_retry(request: Any = None, **_: Any) -> None:
+    if request is not None:
+        _end_plain(getattr(request, "id", None), "retry")
+
+
+def _on_postrun(task_id: str | None = None, state: str | None = None, retval: Any = None, **_: Any) -> None:
+    # Outcomes with no signal of their own.
+    if state == states.IGNORED:
+        run = _plain_runs.pop(task_id, None) if task_id else None
+        if run is not None:
+            run.end_ignored()
+    elif state == states.REJECTED:
+        _end_plain(task_id, "requeue" if getattr(retval, "requeue", False) else "failure")
+
+
+def _on_failure(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
+    # task_failure means a final failure: a retry raises Retry instead.
+    if task_id in _plain_runs:
+        _end_plain(task_id, "failure")
+        return
+    if sender is None:
+        return
+    from .worker import failing_request
+
+    failing = failing_request()
+    if failing is not None:
+        # The main process reports a pool process's death; UniqueRequest
+        # ends the run once it knows whether the message comes back.
+        failing.final_failure = True
+        return
+    request = sender.request
+    if RUN_ATTR in request.__dict__ or getattr(request, "id", None) != task_id:
+        return  # a UniqueTask's own run ended it, or no request to read
+    carried = lock_of(request)
+    if carried is not None and carried[1] == "finish" and task_id:
+        _release(sender, carried[0], task_id)
+
+
+def _on_revoked(
+    sender: Task | None = None,
+    request: Any = None,
+    terminated: bool = False,
+    signum: Any = None,
+    **_: Any,
+) -> None:
+    if sender is None or request is None:
+        return
+    carried = lock_of(request)
+    if carried is None:
+        return
+    if terminated and not _is_fatal(signum):
+        # The task may survive this signal (SIGUSR1 raises SoftTimeLimitExceeded
+        # inside it): its lock goes when it really ends.
+        logger.info(
+            "celery_unique: task %s[%s] was sent signal %s; its lock %s stays until it ends",
+            sender.name, request.id, signum, carried[0],
+        )
+        return
+    _release(sender, carried[0], request.id)
+
+
+def _is_fatal(signum: Any) -> bool:
     try:
-        return app_state(task.app).store.release(key, request.id)
+        if isinstance(signum, str):
+            signum = int(signum) if signum.lstrip("-").isdigit() else _signal.Signals[
+                signum if signum.startswith("SIG") else f"SIG{signum}"
+            ]
+        return int(signum) in _FATAL_SIGNALS
+    except (KeyError, TypeError, ValueError):
+        return True  # unknown: as a kill
+
+
+def _release(task: Task, key: str, task_id: str) -> None:
+    state = worker_state(task)
+    if state is None:
+        return
+    try:
+        state.store.release(key, task_id)
     except redis.RedisError as exc:
         logger.warning(
             "celery_unique: could not release lock %s of task %s[%s] (%s); its TTL will free it",
-            key, task.name, request.id, exc,
+            key, task.name, task_id, exc,
         )
-        return False
-
-
-# unique_until -> the events that release its lock (None: the default).
-_RELEASED_ON: dict[Any, tuple[str, ...]] = {
-    None: ("success",),
-    "success": ("success",),
-    "finish": ("success", "failure"),
-    "start": ("start",),
-}
-
-
-def _release_on_start(sender: Task | None = None, **_: Any) -> None:
-    if sender is not None:
-        release_lock(sender, sender.request, "start")
-
-
-def _release_on_success(sender: Task | None = None, **_: Any) -> None:
-    if sender is not None:
-        release_lock(sender, sender.request, "success")
-
-
-def _release_on_failure(sender: Task | None = None, **_: Any) -> None:
-    # task_failure means a final failure: a retry raises Retry instead.
-    if sender is not None:
-        release_lock(sender, sender.request, "failure")
-
-
-def _release_on_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
-    # Asynq: deleting a task releases its lock. Celery's counterparts are a
-    # revoke (terminated or not) and an expired message.
-    if sender is not None and request is not None:
-        release_lock(sender, request, "revoked")
 
 
 # Connected once, at import: the receivers act only on tasks whose message
 # carries a lock key, so other tasks pay one attribute lookup.
-task_prerun.connect(_release_on_start, weak=False)
-task_success.connect(_release_on_success, weak=False)
-task_failure.connect(_release_on_failure, weak=False)
-task_revoked.connect(_release_on_revoked, weak=False)
+beat_init.connect(_on_beat_init, weak=False)
+task_prerun.connect(_on_prerun, weak=False)
+task_success.connect(_on_success, weak=False)
+task_retry.connect(_on_retry, weak=False)
+task_postrun.connect(_on_postrun, weak=False)
+task_failure.connect(_on_failure, weak=False)
+task_revoked.connect(_on_revoked, weak=False)

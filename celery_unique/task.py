@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
+import queue
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -10,13 +13,26 @@ from typing import Any
 
 import redis
 from celery import Task
+from celery.app.task import Context
+from celery.backends.base import DisabledBackend
+from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
 from kombu.utils.uuid import uuid
 
 from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
+from .execution import (
+    LOCK_HEADER,
+    REPLACES_HEADER,
+    RUN_ATTR,
+    UNTIL_HEADER,
+    Run,
+    begin_run,
+    second_copy,
+)
+from .holders import take_over_if_finished
 from .keys import call_digest, format_key
-from .lock import LockStore
+from .lock import AcquireError, LockStore, running_marker_key
 from .options import (
     ON_DUPLICATE,
     OPTION_NAMES,
@@ -27,7 +43,7 @@ from .options import (
     check_choice,
     check_unique_on,
 )
-from .signals import LOCK_HEADER, UNTIL_HEADER, task_duplicate
+from .signals import in_beat, task_duplicate
 from .ttl import delay_ms, ttl_ms
 
 __all__ = ["LOCK_HEADER", "UniqueTask"]
@@ -35,8 +51,18 @@ __all__ = ["LOCK_HEADER", "UniqueTask"]
 logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
-# The header Celery beat puts on the tasks it sends.
-_BEAT_HEADER = "celery_beat_task"
+# The package's own headers: never taken from a caller's headers, which are
+# often forwarded from another task's request.
+_OWN_HEADERS = (LOCK_HEADER, UNTIL_HEADER, REPLACES_HEADER)
+# Headers that schedulers put on the tasks they send: Celery beat (5.4+) and
+# django-celery-beat (its scheduler and its admin's "Run selected tasks").
+_SCHEDULE_HEADERS = ("celery_beat_task", "periodic_task_name")
+# Set while UniqueTask.apply_async runs a task eagerly (task_always_eager):
+# the task id it locked, so that apply() does not lock it again, and whether
+# the task's run began (then the run's outcome decided the lock's fate).
+_eager_lock: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "celery_unique_eager_lock", default=None
+)
 
 
 class UniqueTask(Task):  # type: ignore[misc]
@@ -44,11 +70,12 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     ``apply_async(..., unique=ttl)`` (or ``@app.task(base=UniqueTask,
     unique=ttl)`` for every call) takes a Redis lock named after the task, its
-    bound arguments and its routed queue, held by the new task's id for ``ttl``
+    arguments and its routed queue, held by the new task's id for ``ttl``
     seconds (a number or a ``timedelta``, at least 1 second). While another
-    task id holds it, the call raises :class:`~celery_unique.DuplicateTaskError`
-    and publishes nothing. By default the lock is released when the task
-    succeeds, or is revoked or expires; otherwise its TTL frees it.
+    task holds it, or the same task id was already enqueued, the call raises
+    :class:`~celery_unique.DuplicateTaskError` and publishes nothing. By
+    default the lock is released when the task succeeds, or is revoked or
+    expires; otherwise its TTL frees it.
 
     The other options, per call or as task attributes, are ``unique_on``,
     ``unique_until`` and ``on_duplicate`` (see the README).
@@ -62,6 +89,14 @@ class UniqueTask(Task):  # type: ignore[misc]
     unique_until: Until | None = None
     #: What a duplicate does: "raise" or "existing" (return the holder's result).
     on_duplicate: OnDuplicate | None = None
+
+    #: The worker's request class: it ends the run of a task whose pool
+    #: process died. Derive a request class of your own from it.
+    Request = "celery_unique.worker:UniqueRequest"
+    #: This class ends its runs in ``__call__``; the signal receivers leave it alone.
+    runs_its_own_lock = True
+
+    # -- enqueue ----------------------------------------------------------------------------------
 
     def apply_async(
         self,
@@ -80,34 +115,21 @@ class UniqueTask(Task):  # type: ignore[misc]
         TTL, and ``unique=None`` turns locking off for this call.
         """
         requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
-        ttl = requested.get("unique", self.unique)
-        # A retry re-enqueues the task under its own id, carrying the lock
-        # header from its request: as in Asynq, it keeps the lock it has and
-        # is never checked again (a retry must not fail as its own duplicate).
-        if ttl is None or options.get("retries"):
+        if self._carries_own_lock(task_id, options):
             return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
-
-        app = self._get_app()
-        state = app_state(app)
-        unique = self._resolve_options(ttl, requested, state.config)
-        key = self._lock_key(args, kwargs, options, unique.unique_on, state.config)
-        lock_ttl_ms = unique.ttl_ms
-        countdown, eta = options.get("countdown"), options.get("eta")
-        if countdown or eta:
-            lock_ttl_ms += delay_ms(app.now(), countdown, eta)
-        # The lock's value is the task id, so the id must exist before the lock.
-        task_id = task_id or uuid()
-        headers = dict(options.get("headers") or ())
-        from_beat = bool(headers.get(_BEAT_HEADER))
-        headers[LOCK_HEADER] = key
-        if unique.until != "success":
-            headers[UNTIL_HEADER] = unique.until
-        options["headers"] = headers
-
-        store = state.store
-        holder = self._acquire(store, key, task_id, lock_ttl_ms)
-        if holder is not None:
-            return self._on_duplicate(unique, holder, key, args, kwargs, from_beat)
+        ttl = requested.get("unique", self.unique)
+        from_schedule = self._from_schedule(options.get("headers"))
+        _drop_own_headers(options)
+        if ttl is None:
+            return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
+        locked = self._lock(args, kwargs, task_id, options, ttl, requested, from_schedule, link, link_error)
+        if isinstance(locked, AsyncResult):
+            return locked
+        store, key, task_id = locked
+        if self._get_app().conf.task_always_eager:
+            return self._run_eagerly(
+                store, key, task_id, args, kwargs, producer, link, link_error, shadow, options
+            )
         try:
             return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
         except BaseException:
@@ -115,6 +137,47 @@ class UniqueTask(Task):  # type: ignore[misc]
             # (broker down, serializer error, Ctrl-C), give the lock back.
             _release_quietly(store, key, task_id)
             raise
+
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        link: Any = None,
+        link_error: Any = None,
+        task_id: str | None = None,
+        retries: int | None = None,
+        throw: bool | None = None,
+        logfile: Any = None,
+        loglevel: Any = None,
+        headers: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
+        """Run the task here and now, taking its lock first as ``apply_async`` would.
+
+        Eager canvases (``chain(...).apply()``, or any canvas under
+        ``task_always_eager``) run their members with ``apply``: each member
+        takes and releases its lock as it would under a worker.
+        """
+        requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
+        call_options = dict(options, headers=headers, retries=retries)
+        eager = _eager_lock.get()
+        if (eager is not None and eager[0] == task_id) or self._carries_own_lock(task_id, call_options):
+            return self._apply(args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
+                               headers, options)
+        ttl = requested.get("unique", self.unique)
+        from_schedule = self._from_schedule(headers)
+        _drop_own_headers(call_options)
+        if ttl is None:
+            return self._apply(args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
+                               call_options["headers"], options)
+        locked = self._lock(
+            args, kwargs, task_id, call_options, ttl, requested, from_schedule, link, link_error
+        )
+        if isinstance(locked, AsyncResult):
+            return locked
+        _, _, task_id = locked
+        return self._apply(args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
+                           call_options["headers"], options)
 
     def lock_key(
         self,
@@ -132,6 +195,135 @@ class UniqueTask(Task):  # type: ignore[misc]
         config = app_state(self._get_app()).config
         return self._lock_key(args, kwargs, options, unique_on, config)
 
+    def unique_identity(self, arguments: dict[str, Any]) -> Any:
+        """Return what identifies a call among calls of this task.
+
+        ``arguments`` maps parameter names to values, after ``unique_on``
+        kept the named ones. The result is serialized canonically and hashed
+        into the lock key. Override it to compute the identity yourself, e.g.
+        ``return arguments["url"].lower()``.
+        """
+        return arguments
+
+    # -- run --------------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the body inside the run of the message's lock (see :mod:`celery_unique.execution`)."""
+        run = begin_run(self, self.request)
+        if run is None:
+            return super().__call__(*args, **kwargs)
+        eager = _eager_lock.get()
+        if eager is not None and eager[0] == run.task_id:
+            eager[1] = True
+        verdict = run.begin()
+        if verdict != "run":
+            raise second_copy(self, run, verdict, args, kwargs)
+        try:
+            result = super().__call__(*args, **kwargs)
+        except Retry:
+            run.end("retry")
+            raise
+        except Reject as exc:
+            run.end("requeue" if exc.requeue else "failure")
+            raise
+        except Ignore:
+            run.end_ignored()
+            raise
+        except Exception:
+            run.end("failure")
+            raise
+        # Released before Celery stores the result: a caller that enqueues the
+        # same call again as soon as result.get() returns is never refused.
+        run.end("success")
+        return result
+
+    def on_replace(self, sig: Any) -> Any:
+        """Hand this task's lock to the replacement, which runs under the same task id."""
+        run: Run | None = self.request.__dict__.get(RUN_ATTR)
+        if run is not None:
+            run.replaced = True
+            headers = {LOCK_HEADER: run.key, REPLACES_HEADER: run.task_id}
+            if run.until != "success":
+                headers[UNTIL_HEADER] = run.until
+            final = _final_signature(sig)
+            final.set(headers={**(final.options.get("headers") or {}), **headers})
+        return super().on_replace(sig)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _carries_own_lock(self, task_id: str | None, options: Mapping[str, Any]) -> bool:
+        """Whether this call continues a lock its task id already holds.
+
+        A retry re-enqueues the task under its own id with the lock header
+        from its request: as in Asynq, it keeps the lock it has and is never
+        checked again. A ``Task.replace()`` replacement continues the replaced
+        task's lock under the same id.
+        """
+        if options.get("retries"):
+            return True
+        headers = options.get("headers")
+        return bool(task_id and headers and headers.get(REPLACES_HEADER) == task_id)
+
+    def _from_schedule(self, headers: Mapping[str, Any] | None) -> bool:
+        # Beat's own thread, or a scheduler's header on a call made outside a
+        # running task: a header forwarded from a task's request never counts.
+        if in_beat():
+            return True
+        return bool(
+            headers
+            and any(headers.get(name) for name in _SCHEDULE_HEADERS)
+            and self._get_app().current_worker_task is None
+        )
+
+    def _lock(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        task_id: str | None,
+        options: dict[str, Any],
+        ttl: Any,
+        requested: Mapping[str, Any],
+        from_schedule: bool,
+        link: Any,
+        link_error: Any,
+    ) -> tuple[LockStore, str, str] | AsyncResult:
+        """Take the call's lock: ``(store, key, task id)``, or the duplicate's result."""
+        app = self._get_app()
+        state = app_state(app)
+        unique = self._resolve_options(ttl, requested, state.config)
+        key = self._lock_key(args, kwargs, options, unique.unique_on, state.config)
+        lock_ttl_ms = unique.ttl_ms
+        countdown, eta = options.get("countdown"), options.get("eta")
+        if countdown or eta:
+            lock_ttl_ms += delay_ms(app.now(), countdown, eta)
+        # The lock's value is the task id, so the id must exist before the lock.
+        chosen_id = task_id
+        task_id = task_id or uuid()
+        headers = dict(options.get("headers") or ())
+        headers[LOCK_HEADER] = key
+        if unique.until != "success":
+            headers[UNTIL_HEADER] = unique.until
+        options["headers"] = headers
+
+        store = state.store
+        backend = self.backend if state.config.check_holder else None
+        check = backend is not None and not isinstance(backend, DisabledBackend)
+        # A caller-chosen id may have run before: its marker says "queued" until
+        # it starts, so that a state it stored then is not taken for this run's.
+        marker = running_marker_key(key, task_id) if chosen_id and check else None
+        holder = self._acquire(store, key, task_id, lock_ttl_ms, marker)
+        if holder == task_id and chosen_id is None:
+            holder = None  # our own command, applied before a dropped connection
+        if holder is not None and holder != task_id and check:
+            holder = take_over_if_finished(
+                store, backend, key, holder, task_id, lock_ttl_ms, unique.until, marker
+            )
+        if holder is None:
+            return store, key, task_id
+        return self._on_duplicate(
+            unique, holder, key, args, kwargs, from_schedule, chosen_id, options, link, link_error
+        )
+
     def _lock_key(
         self,
         args: Sequence[Any] | None,
@@ -143,16 +335,6 @@ class UniqueTask(Task):  # type: ignore[misc]
         digest = call_digest(self, args, kwargs, unique_on)
         queue = self._routed_queue(args, kwargs, options, config.default_queue)
         return format_key(config.key_prefix, queue, self.name, digest)
-
-    def unique_identity(self, arguments: dict[str, Any]) -> Any:
-        """Return what identifies a call among calls of this task.
-
-        ``arguments`` maps parameter names to values, defaults applied, after
-        ``unique_on`` kept the named ones. The result is serialized canonically
-        and hashed into the lock key. Override it to compute the identity
-        yourself, e.g. ``return arguments["url"].lower()``.
-        """
-        return arguments
 
     def _publish(
         self,
@@ -168,6 +350,52 @@ class UniqueTask(Task):  # type: ignore[misc]
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )
+
+    def _apply(
+        self,
+        args: Any,
+        kwargs: Any,
+        link: Any,
+        link_error: Any,
+        task_id: Any,
+        retries: Any,
+        throw: Any,
+        logfile: Any,
+        loglevel: Any,
+        headers: Any,
+        options: dict[str, Any],
+    ) -> Any:
+        return super().apply(
+            args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel, headers, **options
+        )
+
+    def _run_eagerly(
+        self,
+        store: LockStore,
+        key: str,
+        task_id: str,
+        args: Any,
+        kwargs: Any,
+        producer: Any,
+        link: Any,
+        link_error: Any,
+        shadow: Any,
+        options: dict[str, Any],
+    ) -> AsyncResult:
+        # task_always_eager: the task runs inside this call, and its run ends
+        # as a worker's would (a final failure keeps the lock under "success",
+        # even when task_eager_propagates raises it here). Only an error
+        # before the run began is a failed "publish".
+        eager = [task_id, False]
+        token = _eager_lock.set(eager)
+        try:
+            return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
+        except BaseException:
+            if not eager[1]:
+                _release_quietly(store, key, task_id)
+            raise
+        finally:
+            _eager_lock.reset(token)
 
     def _resolve_options(
         self, ttl: Any, requested: Mapping[str, Any], config: UniqueConfig
@@ -190,17 +418,64 @@ class UniqueTask(Task):  # type: ignore[misc]
         key: str,
         args: Sequence[Any] | None,
         kwargs: Mapping[str, Any] | None,
-        from_beat: bool,
+        from_schedule: bool,
+        chosen_id: str | None,
+        options: Mapping[str, Any],
+        link: Any,
+        link_error: Any,
     ) -> AsyncResult:
         task_duplicate.send(sender=self, key=key, task_id=holder, args=args, kwargs=kwargs)
         logger.info(
             "celery_unique: refused duplicate of %s: task %s holds lock %s", self.name, holder, key
         )
+        error = DuplicateTaskError(self.name, holder, key)
+        if chosen_id is not None and chosen_id != holder:
+            # The caller chose this id before the call (a chain link, a group or
+            # chord member, a chord body, a frozen signature): someone may wait
+            # on it. Record it as failed, as Celery records a failed task, so
+            # later chain steps, the chord and the errbacks hear of it now.
+            self._record_refusal(chosen_id, error, args, kwargs, options, link, link_error)
         # Beat would log a duplicate as a scheduling ERROR with a traceback on
-        # every tick; for beat a duplicate is expected, so it is only logged.
-        if unique.on_duplicate == "existing" or from_beat:
+        # every tick; for a scheduler a duplicate is expected, so it is only logged.
+        if unique.on_duplicate == "existing" or from_schedule:
             return self.AsyncResult(holder)
-        raise DuplicateTaskError(self.name, holder, key)
+        raise error
+
+    def _record_refusal(
+        self,
+        task_id: str,
+        error: DuplicateTaskError,
+        args: Any,
+        kwargs: Any,
+        options: Mapping[str, Any],
+        link: Any,
+        link_error: Any,
+    ) -> None:
+        backend = self.backend
+        if isinstance(backend, DisabledBackend):
+            return
+        request = Context(
+            id=task_id,
+            task=self.name,
+            args=list(args or ()),
+            kwargs=dict(kwargs or {}),
+            chain=options.get("chain"),
+            chord=options.get("chord"),
+            group=options.get("group_id"),
+            group_index=options.get("group_index"),
+            root_id=options.get("root_id"),
+            parent_id=options.get("parent_id"),
+            callbacks=link,
+            errbacks=link_error,
+            headers=options.get("headers"),
+            delivery_info={"routing_key": options.get("routing_key"), "priority": options.get("priority")},
+        )
+        try:
+            backend.mark_as_failure(task_id, error, request=request)
+        except Exception as exc:  # a backend that is down must not hide the refusal
+            logger.warning(
+                "celery_unique: could not record refused task %s[%s] as failed (%r)", self.name, task_id, exc
+            )
 
     def _routed_queue(
         self,
@@ -231,19 +506,39 @@ class UniqueTask(Task):  # type: ignore[misc]
             return str(queue.name)
         return str(route.get("routing_key") or "")
 
-    def _acquire(self, store: LockStore, key: str, task_id: str, ttl: int) -> str | None:
+    def _acquire(
+        self, store: LockStore, key: str, task_id: str, ttl: int, marker: str | None
+    ) -> str | None:
         try:
-            return store.acquire(key, task_id, ttl)
-        except redis.RedisError as exc:
-            # A timed-out SET may still be applied once the server catches up;
-            # this id is never published, so an owner-checked release is always
-            # safe. It runs in the background: against a stalled server it
-            # would wait out a second timeout before the caller heard of it.
-            threading.Thread(
-                target=_release_quietly, args=(store, key, task_id),
-                name="celery-unique-cleanup", daemon=True,
-            ).start()
+            return store.acquire(key, task_id, ttl, marker)
+        except AcquireError as failure:
+            exc = failure.error
+            if failure.maybe_applied:
+                # A timed-out SET may still be applied once the server catches
+                # up; this id is never published, so an owner-checked release
+                # is always safe. It runs in the background: against a stalled
+                # server it would wait out a second timeout first.
+                _cleanup(store).put((key, task_id))
             raise LockStoreError(self.name, key, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _drop_own_headers(options: dict[str, Any]) -> None:
+    headers = options.get("headers")
+    if headers and any(name in headers for name in _OWN_HEADERS):
+        options["headers"] = {k: v for k, v in headers.items() if k not in _OWN_HEADERS}
+
+
+def _final_signature(sig: Any) -> Any:
+    """The signature of a canvas that runs under the canvas's own task id."""
+    from celery.canvas import _chain, chord
+
+    while True:
+        if isinstance(sig, _chain) and sig.tasks:
+            sig = sig.tasks[-1]
+        elif isinstance(sig, chord):
+            sig = sig.body
+        else:
+            return sig
 
 
 def _release_quietly(store: LockStore, key: str, task_id: str) -> None:
@@ -254,3 +549,43 @@ def _release_quietly(store: LockStore, key: str, task_id: str) -> None:
             "celery_unique: could not release lock %s of unpublished task %s (%s); "
             "its TTL will free it", key, task_id, exc,
         )
+
+
+class _Cleanup(threading.Thread):
+    """Releases, one after another, the locks of tasks whose acquire may have been applied."""
+
+    #: Pending releases beyond this are dropped (their TTL frees them).
+    limit = 10_000
+
+    def __init__(self, store: LockStore) -> None:
+        super().__init__(name="celery-unique-cleanup", daemon=True)
+        self.store = store
+        self.pid = os.getpid()
+        self.pending: queue.Queue[tuple[str, str]] = queue.Queue(self.limit)
+
+    def put(self, item: tuple[str, str]) -> None:
+        try:
+            self.pending.put_nowait(item)
+        except queue.Full:
+            logger.warning("celery_unique: too many locks to clean up; lock %s is left to its TTL", item[0])
+
+    def run(self) -> None:
+        while True:
+            key, task_id = self.pending.get()
+            _release_quietly(self.store, key, task_id)
+
+
+_cleanup_lock = threading.Lock()
+
+
+def _cleanup(store: LockStore) -> _Cleanup:
+    # One thread per store and process, started on the first failure.
+    cleanup: _Cleanup | None = store.__dict__.get("_cleanup")
+    if cleanup is None or cleanup.pid != os.getpid():
+        with _cleanup_lock:
+            cleanup = store.__dict__.get("_cleanup")
+            if cleanup is None or cleanup.pid != os.getpid():
+                cleanup = _Cleanup(store)
+                cleanup.start()
+                store.__dict__["_cleanup"] = cleanup
+    return cleanup

@@ -76,15 +76,31 @@ def test_signature_set_unique(tasks: SimpleNamespace, broker: redis.Redis) -> No
     assert queued(broker) == 1
 
 
-def test_same_task_id_is_not_a_duplicate(
+def test_same_task_id_is_a_duplicate(
     tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
 ) -> None:
-    """Re-enqueueing with the holder's own id passes, as Task.retry() does."""
-    tasks.send_report.apply_async((42,), unique=60, task_id="the-one")
-    tasks.send_report.apply_async((42,), unique=60, task_id="the-one")
-    assert queued(broker) == 2
+    """Enqueueing the same call twice under one caller-chosen id publishes once (Asynq)."""
+    first = tasks.send_report.apply_async((42,), unique=60, task_id="report-42")
+    with pytest.raises(DuplicateTaskError) as info:
+        tasks.send_report.apply_async((42,), unique=60, task_id="report-42")
+    assert info.value.task_id == first.id == "report-42"
+    assert queued(broker) == 1
     with pytest.raises(DuplicateTaskError):
         tasks.send_report.apply_async((42,), unique=60, task_id="another")
+    assert queued(broker) == 1
+
+
+def test_frozen_signature_applied_twice_publishes_once(
+    tasks: SimpleNamespace, broker: redis.Redis
+) -> None:
+    """Applying one frozen signature twice is one task: the second call is refused."""
+    signature = tasks.send_report.s(7).set(unique=60)
+    signature.freeze()
+    first = signature.apply_async()
+    with pytest.raises(DuplicateTaskError) as info:
+        signature.apply_async()
+    assert info.value.task_id == first.id
+    assert queued(broker) == 1
 
 
 def test_lock_value_is_the_generated_task_id(tasks: SimpleNamespace, locks: redis.Redis) -> None:

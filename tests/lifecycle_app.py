@@ -1,0 +1,148 @@
+"""The Celery app of the lifecycle tests' ``celery worker`` subprocesses.
+
+Configured from the environment (see ``tests/lifecycle_support.py``): the
+broker, result backend and lock store URLs, a scratch Redis where tasks record
+what they did, and a JSON object of extra settings. Every task records its
+starts and ends under its ``token`` argument, so tests can count runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+
+from celery_unique import UniqueTask
+
+ENV_BROKER = "CELERY_UNIQUE_LIFE_BROKER"
+ENV_BACKEND = "CELERY_UNIQUE_LIFE_BACKEND"
+ENV_LOCKS = "CELERY_UNIQUE_LIFE_LOCKS"
+ENV_SCRATCH = "CELERY_UNIQUE_LIFE_SCRATCH"
+ENV_CONF = "CELERY_UNIQUE_LIFE_CONF"
+#: The queue the lifecycle tasks are routed to.
+QUEUE = "lifecycle"
+
+
+def make_app(
+    broker: str, backend: str | None, locks: str, scratch: str, conf: dict[str, Any] | None = None
+) -> Celery:
+    """Build the lifecycle app: the producer side in tests, the worker side in subprocesses."""
+    app = Celery("lifecycle", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(
+        unique_redis_url=locks,
+        unique_redis_socket_timeout=1.0,
+        broker_connection_retry_on_startup=False,
+        task_default_queue=QUEUE,
+        worker_prefetch_multiplier=1,
+        result_expires=600,
+    )
+    app.conf.update(conf or {})
+    app.conf.lifecycle_scratch_url = scratch
+    register(app)
+    return app
+
+
+def scratch_of(task: Any) -> redis.Redis:
+    """The scratch Redis where tasks record their runs."""
+    return redis.Redis.from_url(task.app.conf.lifecycle_scratch_url)
+
+
+def record(task: Any, token: str, event: str) -> None:
+    """Append ``event`` (with this process's pid) to the token's log in the scratch Redis."""
+    scratch_of(task).rpush(f"log:{token}", f"{event}:{os.getpid()}:{task.request.id}")
+
+
+def register(app: Celery) -> None:
+    """Register the lifecycle tasks on ``app``."""
+
+    @app.task(base=UniqueTask, name="life.work", bind=True, shared=False)
+    def work(self: UniqueTask, token: str, seconds: float = 0.0, fail: bool = False) -> str:
+        record(self, token, "start")
+        time.sleep(seconds)
+        record(self, token, "end")
+        if fail:
+            raise RuntimeError(f"{token} failed on purpose")
+        return token
+
+    @app.task(base=UniqueTask, name="life.survivor", bind=True, shared=False)
+    def survivor(self: UniqueTask, token: str, after: float = 1.0, fail: bool = False) -> str:
+        # Survives the SoftTimeLimitExceeded a SIGUSR1 raises, then goes on for
+        # ``after`` seconds, waiting for the test's go-ahead to end.
+        record(self, token, "start")
+        scratch = scratch_of(self)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not scratch.exists(f"go:{token}"):
+            try:
+                time.sleep(0.05)
+            except SoftTimeLimitExceeded:
+                record(self, token, "signalled")
+        time.sleep(after)
+        record(self, token, "end")
+        if fail:
+            raise RuntimeError(f"{token} failed after surviving")
+        return token
+
+    @app.task(base=UniqueTask, name="life.replacer", bind=True, shared=False)
+    def replacer(self: UniqueTask, token: str, seconds: float = 0.0, fail: bool = False) -> Any:
+        record(self, token, "replacing")
+        return self.replace(plain_work.s(token, seconds, fail))
+
+    @app.task(name="life.plain_work", bind=True, shared=False)
+    def plain_work(self: Any, token: str, seconds: float = 0.0, fail: bool = False) -> str:
+        record(self, token, "start")
+        time.sleep(seconds)
+        record(self, token, "end")
+        if fail:
+            raise RuntimeError(f"{token} replacement failed on purpose")
+        return token
+
+    @app.task(base=UniqueTask, name="life.self_stored", bind=True, shared=False)
+    def self_stored(self: UniqueTask, token: str, state: str = "SUCCESS") -> None:
+        # Celery's documented pattern: store a state yourself, then Ignore.
+        record(self, token, "start")
+        self.update_state(state=state, meta={"token": token})
+        raise Ignore()
+
+    @app.task(base=UniqueTask, name="life.reject", bind=True, shared=False, acks_late=True)
+    def reject(self: UniqueTask, token: str, requeue: bool = False) -> None:
+        record(self, token, "start")
+        raise Reject(f"{token} rejected", requeue=requeue)
+
+    @app.task(base=UniqueTask, name="life.flaky", bind=True, shared=False, max_retries=2)
+    def flaky(self: UniqueTask, token: str, failures: int = 1) -> int:
+        record(self, token, "start")
+        if self.request.retries < failures:
+            raise self.retry(countdown=0.2)
+        return int(self.request.retries)
+
+    @app.task(base=UniqueTask, name="life.double", shared=False)
+    def double(x: int) -> int:
+        return 2 * x
+
+    @app.task(base=UniqueTask, name="life.total", shared=False)
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task(name="life.errback", bind=True, shared=False)
+    def errback(self: Any, request: Any, exc: Any, traceback: Any, token: str) -> None:
+        scratch_of(self).rpush(f"errback:{token}", f"{type(exc).__name__}: {exc}")
+
+
+def _from_environment() -> Celery | None:
+    if ENV_BROKER not in os.environ:
+        return None
+    return make_app(
+        os.environ[ENV_BROKER],
+        os.environ.get(ENV_BACKEND) or None,
+        os.environ[ENV_LOCKS],
+        os.environ[ENV_SCRATCH],
+        json.loads(os.environ.get(ENV_CONF) or "{}"),
+    )
+
+
+app = _from_environment()
