@@ -320,8 +320,13 @@ class UniqueTask(Task):  # type: ignore[misc]
             )
         if holder is None:
             return store, key, task_id
+        # A refused call someone may wait on: its id was chosen before the call
+        # (a chain link, a group or chord member, a chord body, a frozen
+        # signature), or it carries callbacks that would otherwise be dropped.
+        awaited = chosen_id is not None or bool(link or link_error)
         return self._on_duplicate(
-            unique, holder, key, args, kwargs, from_schedule, chosen_id, options, link, link_error
+            unique, holder, key, args, kwargs, from_schedule,
+            task_id if awaited else None, options, link, link_error,
         )
 
     def _lock_key(
@@ -419,7 +424,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         args: Sequence[Any] | None,
         kwargs: Mapping[str, Any] | None,
         from_schedule: bool,
-        chosen_id: str | None,
+        refused_id: str | None,
         options: Mapping[str, Any],
         link: Any,
         link_error: Any,
@@ -429,12 +434,11 @@ class UniqueTask(Task):  # type: ignore[misc]
             "celery_unique: refused duplicate of %s: task %s holds lock %s", self.name, holder, key
         )
         error = DuplicateTaskError(self.name, holder, key)
-        if chosen_id is not None and chosen_id != holder:
-            # The caller chose this id before the call (a chain link, a group or
-            # chord member, a chord body, a frozen signature): someone may wait
-            # on it. Record it as failed, as Celery records a failed task, so
-            # later chain steps, the chord and the errbacks hear of it now.
-            self._record_refusal(chosen_id, error, args, kwargs, options, link, link_error)
+        if refused_id is not None and refused_id != holder:
+            # Record the refused call as failed, as Celery records a failed
+            # task, so later chain steps, the chord and the errbacks hear of
+            # it now instead of waiting for ever.
+            self._record_refusal(refused_id, error, args, kwargs, options, link, link_error)
         # Beat would log a duplicate as a scheduling ERROR with a traceback on
         # every tick; for a scheduler a duplicate is expected, so it is only logged.
         if unique.on_duplicate == "existing" or from_schedule:

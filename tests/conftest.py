@@ -8,6 +8,7 @@ test needs a prefork pool.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,17 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(autouse=True)
+def _collect_results() -> Iterator[None]:
+    """Collect this test's AsyncResults and apps while its Redis is still up.
+
+    They sit in reference cycles, and one collected after the session's server
+    has stopped tries to unsubscribe from it and raises in ``__del__``.
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)

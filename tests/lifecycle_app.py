@@ -105,7 +105,10 @@ def register(app: Celery) -> None:
     def self_stored(self: UniqueTask, token: str, state: str = "SUCCESS") -> None:
         # Celery's documented pattern: store a state yourself, then Ignore.
         record(self, token, "start")
-        self.update_state(state=state, meta={"token": token})
+        meta: dict[str, Any] = {"token": token}
+        if state == "FAILURE":
+            meta = {"exc_type": "RuntimeError", "exc_message": [f"{token} stored its failure"]}
+        self.update_state(state=state, meta=meta)
         raise Ignore()
 
     @app.task(base=UniqueTask, name="life.reject", bind=True, shared=False, acks_late=True)
@@ -128,9 +131,10 @@ def register(app: Celery) -> None:
     def total(values: list[int]) -> int:
         return sum(values)
 
-    @app.task(name="life.errback", bind=True, shared=False)
-    def errback(self: Any, request: Any, exc: Any, traceback: Any, token: str) -> None:
-        scratch_of(self).rpush(f"errback:{token}", f"{type(exc).__name__}: {exc}")
+    @app.task(name="life.errback", shared=False)
+    def errback(request: Any, exc: Any, traceback: Any, token: str) -> None:
+        scratch = redis.Redis.from_url(app.conf.lifecycle_scratch_url)
+        scratch.rpush(f"errback:{token}", f"{type(exc).__name__}: {exc}")
 
 
 def _from_environment() -> Celery | None:

@@ -76,7 +76,7 @@ def test_worker_releases_on_the_cluster(cluster_app: Celery, cluster: LocalClust
         # in the lock's slot) for a while, to keep a redelivered copy from running.
         def held() -> int:
             return sum(
-                1 for node in cluster.nodes for key in node.client().keys() if not key.startswith(b"{")
+                1 for node in cluster.nodes for key in node.client().scan_iter() if not key.startswith(b"{")
             )
 
         wait_until(lambda: held() == 0, what="all cluster locks released")

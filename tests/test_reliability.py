@@ -7,7 +7,6 @@ workers. The figures they print (run with ``-s``) are the ones quoted in
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import signal
@@ -42,17 +41,6 @@ from tests.reliability_support import (
 
 SCRATCH_DB = 3
 SOCKET_TIMEOUT = 0.5
-
-
-@pytest.fixture(autouse=True)
-def _collect_results() -> Iterator[None]:
-    """Collect this test's AsyncResults while its Redis is still up.
-
-    They sit in reference cycles, and one collected after the session's server
-    has stopped tries to unsubscribe from it and raises in ``__del__``.
-    """
-    yield
-    gc.collect()
 
 
 @pytest.fixture
