@@ -57,6 +57,7 @@ __all__ = [
     "begin_run",
     "lock_of",
     "marker_owner",
+    "report_configuration_once",
 ]
 
 logger = logging.getLogger(__name__)
@@ -218,17 +219,18 @@ def worker_state(task: Task) -> _AppState | None:
     try:
         return app_state(task._get_app())
     except ConfigurationError as exc:
-        _report_configuration_once(exc)
+        report_configuration_once(exc)
         return None
 
 
 _reported = threading.Event()
 
 
-def _report_configuration_once(exc: ConfigurationError) -> None:
+def report_configuration_once(exc: ConfigurationError) -> None:
+    """Log, once per worker, that its lock-store settings are broken and why."""
     if not _reported.is_set():
         _reported.set()
-        logger.error("celery_unique: locks are not released in this process: %s", exc)
+        logger.error("celery_unique: this worker cannot release locks: %s", exc)
 
 
 def defer(task: Task, request: Any, args: Any, kwargs: Any, countdown: float) -> None:

@@ -26,9 +26,10 @@ from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.request import Request
 
+from .compat import waiting_requests
 from .config import app_state
 from .errors import ConfigurationError
-from .execution import LOCK_HEADER, UNTIL_HEADER, marker_owner
+from .execution import LOCK_HEADER, UNTIL_HEADER, marker_owner, report_configuration_once
 from .lock import attempt_of, running_marker_key
 
 __all__ = ["UniqueRequest", "failing_request"]
@@ -125,9 +126,10 @@ class _RevokeWatcher(threading.Thread):
 
     interval = 0.5
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, consumer: Any) -> None:
         super().__init__(name="celery-unique-revoke-watcher", daemon=True)
-        self.app = app
+        self.consumer = consumer
+        self.app = consumer.app
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -136,8 +138,7 @@ class _RevokeWatcher(threading.Thread):
         released: set[str] = set()
         while not self.stopped.wait(self.interval):
             try:
-                waiting = [r for r in list(worker_state.reserved_requests)
-                           if r not in worker_state.active_requests]
+                waiting = waiting_requests(self.consumer)
             except RuntimeError:  # changed while copied: look again next time
                 continue
             pending = {r.id for r in waiting}
@@ -169,14 +170,16 @@ def _check_settings(sender: Any = None, **_: Any) -> None:
         state = app_state(app)
         state.config.resolve_redis_url(app)
     except ConfigurationError as exc:
-        logger.error("celery_unique: this worker cannot release locks: %s", exc)
+        # Reported once here, before the pool starts: its processes inherit
+        # the fact and stay silent, running their tasks without locks.
+        report_configuration_once(exc)
 
 
 def _start_watcher(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is None:
         return
-    watcher = _RevokeWatcher(app)
+    watcher = _RevokeWatcher(sender)
     app.__dict__["_celery_unique_revoke_watcher"] = watcher
     watcher.start()
 

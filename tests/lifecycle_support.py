@@ -80,11 +80,16 @@ class Lifecycle:
 
     @contextmanager
     def worker(
-        self, log: Path, *, concurrency: int = 1, extra: tuple[str, ...] = ()
+        self,
+        log: Path,
+        *,
+        concurrency: int = 1,
+        extra: tuple[str, ...] = (),
+        app: str = "tests.lifecycle_app",
     ) -> Iterator[subprocess.Popen[bytes]]:
         """Run a prefork worker on the lifecycle queue until the block ends; wait until it is ready."""
         args = [
-            sys.executable, "-m", "celery", "-A", "tests.lifecycle_app", "worker",
+            sys.executable, "-m", "celery", "-A", app, "worker",
             "--pool=prefork", f"--concurrency={concurrency}", "-Q", QUEUE, "--loglevel=INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "-n", f"life-{os.getpid()}-{time.monotonic_ns()}@%h", *extra,
