@@ -82,14 +82,22 @@ def test_a_leaves_a_lock(clear_unique_locks):
     assert LOCKS.dbsize() == 1
 
 
-def test_b_starts_clean_and_runs_eagerly(eager_unique_tasks):
+def test_b_finds_it_cleared_and_leaves_one():
     assert LOCKS.dbsize() == 0
+    ping.delay(2)
+
+
+def test_c_starts_clean(clear_unique_locks):
+    assert LOCKS.dbsize() == 0
+
+
+def test_d_runs_eagerly(eager_unique_tasks):
     assert eager_unique_tasks is app
     assert ping.delay(1).get() == 1
     assert ping.delay(1).get() == 1
 
 
-def test_c_settings_are_back():
+def test_e_settings_are_back():
     assert app.conf.task_always_eager is False
 """
 
@@ -100,7 +108,7 @@ def test_fixtures_use_the_projects_app(pytester: pytest.Pytester, redis_server: 
     pytester.makeconftest(CONFTEST.format(**urls))
     pytester.makepyfile(test_project=FIXTURE_TESTS.format(**urls))
     result = pytester.runpytest_subprocess("-p", "no:celery", "-p", "no:django", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=5)
     assert redis_server.client(2).dbsize() == 0
 
 

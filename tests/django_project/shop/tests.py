@@ -100,17 +100,21 @@ def test_duplicate_at_commit_is_logged_not_raised(
 
 @pytest.mark.django_db(transaction=True)
 def test_explicit_on_duplicate_raise_escapes_the_commit(locks: redis.Redis) -> None:
-    """on_duplicate="raise" is honoured: Django lets the error out of the commit, data saved."""
+    """on_duplicate="raise" is honoured: the error leaves the commit, and later callbacks are lost."""
     held = send_receipt.delay(7)
+    after: list[str] = []
+
     def order() -> None:
         with transaction.atomic():
             Order.objects.create(email="c@example.com")
             send_receipt.apply_async_on_commit((7,), on_duplicate="raise")
+            transaction.on_commit(lambda: after.append("ran"))
 
     with pytest.raises(DuplicateTaskError) as info:
         order()
     assert info.value.task_id == held.id
     assert Order.objects.filter(email="c@example.com").exists()
+    assert after == []
 
 
 @pytest.mark.django_db(transaction=True)
