@@ -82,7 +82,10 @@ def test_skipped_tick_still_counts_a_run(broker: redis.Redis, caplog: pytest.Log
     assert task.total_run_count == 1
     assert task.last_run_at > timezone.now() - timedelta(minutes=1)
     assert broker.llen("celery") == 1
+    assert "Sending due task north report (reports.tasks.build_report)" in caplog.text
     refusals = [r for r in caplog.records if r.name.startswith("celery_unique") and held.id in r.getMessage()]
     assert refusals, caplog.text
     assert all(r.levelno == logging.INFO for r in refusals)
+    # The line the README shows for a skipped tick.
+    assert "refused duplicate of reports.tasks.build_report" in refusals[0].getMessage()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
