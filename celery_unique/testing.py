@@ -1,11 +1,20 @@
-"""Helpers for tests: a throwaway Redis server, and lock cleanup between tests.
+"""Helpers for tests: lock cleanup, eager runs, and a throwaway Redis server.
 
 In a project's own ``conftest.py``::
 
     pytest_plugins = ["celery_unique.testing"]
 
-gives the ``clear_unique_locks`` fixture, which clears the locks of the
-``celery_app`` fixture's app before and after a test.
+    @pytest.fixture(scope="session")
+    def celery_unique_app():
+        from proj.celery import app    # the project's own app
+        return app
+
+gives the ``clear_unique_locks`` fixture, which clears that app's locks before
+and after a test, and ``eager_unique_tasks``, which also runs its tasks
+eagerly for the test. Without a ``celery_unique_app`` fixture of its own, a
+project gets the ``celery_app`` fixture of Celery's pytest plugin, if it uses
+it. Outside pytest, ``clear_locks(app)`` and ``with eager_tasks(app):`` do the
+same.
 
 ``RedisServer`` starts a real ``redis-server`` on a free loopback port, with no
 persistence, and stops it on exit. The binary is ``$REDIS_SERVER``, else
@@ -23,6 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -30,7 +40,19 @@ import redis
 
 T = TypeVar("T")
 
-__all__ = ["RedisServer", "clear_locks", "clear_unique_locks", "find_redis_server", "wait_for"]
+__all__ = [
+    "RedisServer",
+    "celery_unique_app",
+    "clear_locks",
+    "clear_unique_locks",
+    "eager_tasks",
+    "eager_unique_tasks",
+    "find_redis_server",
+    "wait_for",
+]
+
+#: The settings ``eager_tasks`` sets for its block and restores after it.
+EAGER_SETTINGS = ("task_always_eager", "task_eager_propagates")
 
 
 def find_redis_server() -> str:
@@ -160,20 +182,81 @@ def clear_locks(app: Any) -> int:
     return UniqueLocks(app).clear()
 
 
+@contextmanager
+def eager_tasks(app: Any) -> Iterator[Any]:
+    """Run ``app``'s tasks eagerly in the block, with its locks cleared around it.
+
+    Sets ``task_always_eager`` and ``task_eager_propagates`` (a task runs in
+    the caller, and its exception reaches the caller) and clears the app's
+    locks before and after the block; then puts both settings back as they
+    were. Unique calls still take and release their locks in the lock store,
+    so it must be reachable.
+    """
+    conf = app.conf
+    # Reading a key loads a pending configuration; until then ``changes``
+    # would be a placeholder that loading replaces.
+    conf.get(EAGER_SETTINGS[0])
+    # Under config_from_object(namespace="CELERY") a change may sit under the
+    # prefixed name too (CELERY_TASK_ALWAYS_EAGER): set and restore both.
+    prefix = getattr(conf, "prefix", None)
+    names = [*EAGER_SETTINGS, *(f"{prefix}{name}".upper() for name in EAGER_SETTINGS if prefix)]
+    changes = conf.changes
+    saved = {name: changes[name] for name in names if name in changes}
+    clear_locks(app)
+    changes.update(dict.fromkeys(names, True))
+    try:
+        yield app
+    finally:
+        for name in names:
+            if name in saved:
+                changes[name] = saved[name]
+            else:
+                changes.pop(name, None)
+        clear_locks(app)
+
+
 try:
     import pytest
-except ImportError:  # pragma: no cover - pytest is only needed for the fixture
+except ImportError:  # pragma: no cover - pytest is only needed for the fixtures
     pass
 else:
 
     @pytest.fixture
-    def clear_unique_locks(celery_app: Any) -> Iterator[None]:
-        """Clear the ``celery_app`` fixture's locks before and after each test.
+    def celery_unique_app(request: pytest.FixtureRequest) -> Any:
+        """The app whose locks the fixtures clear: define it to return your project's app.
+
+        This default returns the ``celery_app`` fixture of Celery's pytest
+        plugin when the project has one.
+        """
+        try:
+            return request.getfixturevalue("celery_app")
+        except pytest.FixtureLookupError:
+            pytest.fail(
+                "celery_unique.testing's fixtures need the app whose locks to clear: "
+                "define a 'celery_unique_app' fixture returning your Celery app, e.g. "
+                "'from proj.celery import app; return app'",
+                pytrace=False,
+            )
+
+    @pytest.fixture
+    def clear_unique_locks(celery_unique_app: Any) -> Iterator[None]:
+        """Clear the ``celery_unique_app`` fixture's locks before and after each test.
 
         Enable it with ``pytest_plugins = ["celery_unique.testing"]`` and
         ``@pytest.mark.usefixtures("clear_unique_locks")`` (or an autouse
         fixture that requests it).
         """
-        clear_locks(celery_app)
+        clear_locks(celery_unique_app)
         yield
-        clear_locks(celery_app)
+        clear_locks(celery_unique_app)
+
+    @pytest.fixture
+    def eager_unique_tasks(celery_unique_app: Any) -> Iterator[Any]:
+        """Run the ``celery_unique_app`` fixture's tasks eagerly during the test.
+
+        As :func:`eager_tasks`: ``task_always_eager`` and
+        ``task_eager_propagates`` for the test, locks cleared before and after.
+        Yields the app.
+        """
+        with eager_tasks(celery_unique_app) as app:
+            yield app

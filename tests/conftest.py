@@ -24,6 +24,9 @@ from celery_unique import UniqueTask
 from celery_unique.testing import RedisServer, wait_for
 
 CI = bool(os.environ.get("CI"))
+# The Django project runs its own suite in a subprocess with its own settings
+# (tests/test_django.py): this suite must neither collect nor import it.
+collect_ignore = ["django_project"]
 BROKER_DB, RESULT_DB, LOCK_DB = 0, 1, 2
 
 
