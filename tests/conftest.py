@@ -21,7 +21,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_unique import UniqueTask
-from celery_unique.testing import RedisServer, wait_for
+from celery_unique.testing import LockDatabase, RedisServer, wait_for
 
 CI = bool(os.environ.get("CI"))
 # The Django project runs its own suite in a subprocess with its own settings
@@ -84,27 +84,10 @@ def celery_config(redis_server: RedisServer) -> dict[str, Any]:
     }
 
 
-class LockView(redis.Redis):
-    """A client on the lock database whose ``keys()`` and ``dbsize()`` count locks only.
-
-    Running markers (``{<lock key>}:run:<task id>``) live beside the locks;
-    tests that count locks look past them. ``raw_keys()`` shows everything.
-    """
-
-    def keys(self, pattern: Any = "*", **kwargs: Any) -> Any:
-        return [key for key in super().keys(pattern, **kwargs) if not bytes(key).startswith(b"{")]
-
-    def dbsize(self, **kwargs: Any) -> Any:
-        return len(self.keys())
-
-    def raw_keys(self, pattern: str = "*") -> list[bytes]:
-        return list(super().keys(pattern))
-
-
 @pytest.fixture
 def locks(redis_server: RedisServer) -> redis.Redis:
     """A client on the lock database, to look at locks directly (markers hidden)."""
-    return LockView(host=redis_server.host, port=redis_server.port, db=LOCK_DB)
+    return LockDatabase(host=redis_server.host, port=redis_server.port, db=LOCK_DB)
 
 
 @pytest.fixture

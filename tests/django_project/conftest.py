@@ -28,8 +28,11 @@ def _fresh_redis() -> None:
 
 @pytest.fixture
 def locks() -> redis.Redis:
-    """A client on the lock database."""
-    return redis.Redis.from_url(settings.CELERY_UNIQUE_REDIS_URL)
+    """A client on the lock database (running markers hidden)."""
+    # Imported here: the module is also this suite's plugin, loaded after conftest.
+    from celery_unique.testing import LockDatabase
+
+    return LockDatabase.from_url(settings.CELERY_UNIQUE_REDIS_URL)
 
 
 @pytest.fixture
