@@ -354,6 +354,13 @@ def microbenchmarks(app: Celery, client: redis.Redis, settings: Settings) -> Non
     """Key derivation, one lock-store round trip and memory per lock."""
     task = app.tasks["benchmarks.unique_report"]
     small = per_call_us(lambda: task.lock_key((42, "daily", "pdf"), None, {}), settings.key_calls)
+    # The same without defaults to leave out, then off the JSON fast path:
+    # int dict keys (JSON's exact path) and the pickle serializer.
+    fresh = per_call_us(lambda: task.lock_key((42, "weekly", "csv"), None, {}), settings.key_calls)
+    int_keys = per_call_us(lambda: task.lock_key((42, {1: "a", 2: "b"}, "csv"), None, {}), settings.key_calls)
+    pickled = per_call_us(
+        lambda: task.lock_key((42, "weekly", "csv"), None, {"serializer": "pickle"}), settings.key_calls
+    )
     big_arg = "0123456789abcdef" * (1024 * 1024 // 16)  # 1 MiB of text
     big_calls = max(settings.key_calls // 1000, 5)
     big = per_call_us(lambda: task.lock_key((42, big_arg, "pdf"), None, {}), big_calls)
@@ -365,6 +372,9 @@ def microbenchmarks(app: Celery, client: redis.Redis, settings: Settings) -> Non
     per_lock = memory_per_lock(app, client, task, settings.memory_locks)
     print()
     print(f"key derivation, 3 small args: {small:.1f} us ({verdict(small, TARGETS['key_small_us'], False)})")
+    print(f"key derivation, 3 small args, none at its default: {fresh:.1f} us")
+    print(f"key derivation, a dict with int keys (JSON exact path): {int_keys:.1f} us")
+    print(f"key derivation, 3 small args, pickle serializer: {pickled:.1f} us")
     print(f"key derivation, 1 MiB argument: {big:.0f} us")
     print(f"lock store round trip (LockStore.acquire, lock held by caller): {acquire:.1f} us")
     print(f"redis PING round trip: {ping:.1f} us")

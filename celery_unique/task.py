@@ -198,9 +198,13 @@ class UniqueTask(Task):  # type: ignore[misc]
     def unique_identity(self, arguments: dict[str, Any]) -> Any:
         """Return what identifies a call among calls of this task.
 
-        ``arguments`` maps parameter names to values, after ``unique_on``
-        kept the named ones. The result is serialized canonically and hashed
-        into the lock key. Override it to compute the identity yourself, e.g.
+        ``arguments`` maps parameter names to the values the call passes
+        (pydantic models dumped as Celery sends them), leaving out every
+        parameter left at its default or passed a value equal to it, after
+        ``unique_on`` kept the named ones: read a parameter that has a default
+        with ``arguments.get(name, default)``. The result is encoded
+        canonically as the task's serializer sends it, and hashed into the
+        lock key. Override it to compute the identity yourself, e.g.
         ``return arguments["url"].lower()``.
         """
         return arguments
@@ -337,7 +341,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         unique_on: Sequence[str] | None,
         config: UniqueConfig,
     ) -> str:
-        digest = call_digest(self, args, kwargs, unique_on)
+        digest = call_digest(self, args, kwargs, unique_on, options)
         queue = self._routed_queue(args, kwargs, options, config.default_queue)
         return format_key(config.key_prefix, queue, self.name, digest)
 
