@@ -241,3 +241,70 @@ def test_reenqueue_right_after_the_result_is_never_refused(
             except DuplicateTaskError:
                 refusals += 1
     assert refusals == 0
+
+
+def test_worker_with_broken_settings_reports_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A worker whose lock-store settings are broken logs one error naming the setting, not one per task."""
+    life = Lifecycle.on(redis_server, unique_redis_socket_timeout=-1)
+    app = life.app(unique_redis_socket_timeout=1.0)  # the producer's settings are fine
+    log = tmp_path / "worker.log"
+    with life.worker(log, concurrency=2):
+        results = [app.tasks["life.work"].apply_async((f"broken-{i}",), unique=60) for i in range(4)]
+        assert [r.get(timeout=20) for r in results] == [f"broken-{i}" for i in range(4)]
+    text = log.read_text(errors="replace")
+    errors = [line for line in text.splitlines() if "cannot release locks" in line]
+    assert len(errors) == 1, errors
+    assert "unique_redis_socket_timeout" in errors[0]
+    assert "Traceback" not in text
+
+
+#: Redis broker settings that redeliver an unacknowledged message after 2 s,
+#: checked every second (kombu's restore runs every 10 s by default).
+REDELIVER = {
+    "task_acks_late": True,
+    "broker_transport_options": {
+        "visibility_timeout": 2, "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+    },
+    "unique_running_ttl": 1,
+}
+
+
+def test_redelivered_copy_waits_for_the_running_one(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
+) -> None:
+    """A copy redelivered while the task runs does not run beside it; the lock holds until the end."""
+    life = Lifecycle.on(redis_server, **REDELIVER)
+    app, scratch = life.app(), life.scratch_client()
+    work = app.tasks["life.work"]
+    log = tmp_path / "worker.log"
+    with life.worker(log, concurrency=2):
+        result = work.apply_async(("long",), {"seconds": 7}, unique=60)
+        key = lock_of(app, "life.work", ("long",), {"seconds": 7})
+        wait_until(lambda: "already running elsewhere" in log.read_text(), timeout=15, what="a redelivery")
+        assert events(scratch, "long") == ["start"]
+        assert refused(app, "life.work", ("long",), kwargs={"seconds": 7})
+        assert result.get(timeout=20) == "long"
+        wait_until(lambda: not locks.exists(key), what="released")
+        time.sleep(3)  # deferred copies come back, see the attempt done, and are dropped
+        assert events(scratch, "long") == ["start", "end"]
+        assert "has already run" in log.read_text()
+
+
+def test_redelivered_copy_runs_when_its_worker_died(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
+) -> None:
+    """When the worker running a task dies, its redelivered copy runs: the task is never lost."""
+    life = Lifecycle.on(redis_server, **REDELIVER)
+    app, scratch = life.app(), life.scratch_client()
+    work = app.tasks["life.work"]
+    with life.worker(tmp_path / "first.log") as first:
+        result = work.apply_async(("orphan",), {"seconds": 3}, unique=60)
+        wait_event(scratch, "orphan", "start")
+        os.killpg(first.pid, signal.SIGKILL)
+    with life.worker(tmp_path / "second.log"):
+        assert result.get(timeout=30) == "orphan"
+        assert events(scratch, "orphan") == ["start", "start", "end"]
+        wait_until(lambda: not locks.exists(lock_of(app, "life.work", ("orphan",), {"seconds": 3})),
+                   what="released")

@@ -1,0 +1,91 @@
+"""Eager runs follow a worker's rules: task_always_eager, apply(), and eager canvases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery, chain, group
+
+from celery_unique import DuplicateTaskError, UniqueTask
+from celery_unique.config import lock_store
+
+
+@pytest.fixture
+def eager(celery_app: Celery) -> Iterator[Celery]:
+    """The test app with task_always_eager and task_eager_propagates on."""
+    celery_app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    yield celery_app
+    celery_app.conf.update(task_always_eager=False, task_eager_propagates=False)
+
+
+@pytest.fixture
+def eager_tasks(celery_app: Celery) -> Any:
+    """Tasks that report whether they hold their own lock while they run."""
+
+    @celery_app.task(base=UniqueTask, name="tests.eager_holds", bind=True)
+    def holds(self: UniqueTask, x: int) -> int:
+        key = self.request.headers["celery_unique_lock"]
+        assert lock_store(self.app).holder(key) == self.request.id, "runs without its lock"
+        return x + 1
+
+    @celery_app.task(base=UniqueTask, name="tests.eager_fails")
+    def fails(x: int) -> None:
+        raise RuntimeError(f"eager failure {x}")
+
+    return holds, fails
+
+
+def test_eager_success_releases(eager: Celery, eager_tasks: Any, locks: redis.Redis) -> None:
+    """An eager task holds its lock while it runs and releases it on success."""
+    holds, _ = eager_tasks
+    assert holds.apply_async((1,), unique=60).get() == 2
+    assert locks.dbsize() == 0
+
+
+@pytest.mark.parametrize(("until", "kept"), [("success", True), ("finish", False)])
+def test_eager_propagated_failure_follows_the_mode(
+    eager: Celery, eager_tasks: Any, locks: redis.Redis, until: str, kept: bool
+) -> None:
+    """With task_eager_propagates, a final failure keeps the lock under "success", as a worker does."""
+    _, fails = eager_tasks
+    with pytest.raises(RuntimeError):
+        fails.apply_async((1,), unique=60, unique_until=until)
+    assert locks.dbsize() == (1 if kept else 0)
+    if kept:
+        with pytest.raises(DuplicateTaskError):
+            fails.apply_async((1,), unique=60)
+
+
+def test_eager_chain_members_lock_and_release(eager: Celery, eager_tasks: Any, locks: redis.Redis) -> None:
+    """Each member of an eager chain takes its lock for its run and releases it."""
+    holds, _ = eager_tasks
+    members = [holds.s(1).set(unique=60), holds.s().set(unique=60), holds.s().set(unique=60)]
+    result = chain(*members).apply_async()
+    assert result.get() == 4
+    assert locks.dbsize() == 0
+
+
+def test_eager_group_duplicate_member_is_refused(
+    celery_app: Celery, eager_tasks: Any, locks: redis.Redis
+) -> None:
+    """A group run with apply() refuses a member whose lock is held, as apply_async would."""
+    holds, _ = eager_tasks
+    holds.apply_async((5,), unique=60, countdown=60)  # queued: holds holds(5)
+    with pytest.raises(DuplicateTaskError):
+        group(holds.s(4).set(unique=60), holds.s(5).set(unique=60)).apply()
+    assert locks.dbsize() == 1
+
+
+def test_apply_takes_the_lock_as_apply_async_does(
+    celery_app: Celery, eager_tasks: Any, locks: redis.Redis
+) -> None:
+    """Task.apply() with unique= runs under the call's lock and refuses a held one."""
+    holds, _ = eager_tasks
+    assert holds.apply((7,), unique=60).get() == 8
+    assert locks.dbsize() == 0
+    holds.apply_async((7,), unique=60, countdown=60)
+    with pytest.raises(DuplicateTaskError):
+        holds.apply((7,), unique=60)
