@@ -8,7 +8,15 @@
 from __future__ import annotations
 
 from .admin import LockInfo, UniqueLocks
-from .errors import ConfigurationError, DuplicateTaskError, LockStoreError, UniqueTaskError
+from .errors import (
+    ConfigurationError,
+    DuplicateTaskError,
+    InvalidCallError,
+    LockStoreError,
+    UniqueTaskError,
+    UniqueTypeError,
+    UniqueValueError,
+)
 from .send import send_unique
 from .signals import task_duplicate
 from .task import LOCK_HEADER, UniqueTask
@@ -18,12 +26,15 @@ __all__ = [
     "LOCK_HEADER",
     "ConfigurationError",
     "DuplicateTaskError",
+    "InvalidCallError",
     "LockInfo",
     "LockStoreError",
     "UniqueLocks",
     "UniqueRequest",
     "UniqueTask",
     "UniqueTaskError",
+    "UniqueTypeError",
+    "UniqueValueError",
     "__version__",
     "send_unique",
     "task_duplicate",

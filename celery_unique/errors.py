@@ -12,8 +12,11 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "DuplicateTaskError",
+    "InvalidCallError",
     "LockStoreError",
     "UniqueTaskError",
+    "UniqueTypeError",
+    "UniqueValueError",
 ]
 
 
@@ -21,15 +24,34 @@ class UniqueTaskError(Exception):
     """The root of every error this library raises."""
 
 
+class InvalidCallError(UniqueTaskError):
+    """A unique call was refused before anything was locked or published.
+
+    Its message names the task and the offending option or argument. It is
+    raised as :class:`UniqueTypeError` or :class:`UniqueValueError`, which are
+    also a ``TypeError`` and a ``ValueError``, as Python's own checks are.
+    """
+
+
+class UniqueTypeError(InvalidCallError, TypeError):
+    """An option or argument of a unique call has the wrong type, or no canonical form."""
+
+
+class UniqueValueError(InvalidCallError, ValueError):
+    """An option or argument of a unique call has a value out of range."""
+
+
 class ConfigurationError(UniqueTaskError):
     """The app's settings do not say where the lock store is, or say it wrongly."""
 
 
 class DuplicateTaskError(UniqueTaskError):
-    """The same task is already queued: another task id holds its lock.
+    """The call's lock is held: the same call was enqueued and has not yet let go.
 
-    ``task_id`` is the holder's id, ``key`` the Redis key of the lock and
-    ``task_name`` the name of the task that was refused.
+    The holder may be queued, running, or finished without releasing (a final
+    failure waits out its TTL under ``unique_until="success"``). ``task_id``
+    is the holder's id, ``key`` the Redis key of the lock and ``task_name``
+    the name of the task that was refused.
     """
 
     def __init__(self, task_name: str, task_id: str, key: str) -> None:
@@ -39,7 +61,7 @@ class DuplicateTaskError(UniqueTaskError):
         self.key = key
 
     def __str__(self) -> str:
-        return f"{self.task_name} is already queued as task {self.task_id} (lock {self.key})"
+        return f"{self.task_name}: duplicate refused, task {self.task_id} holds the lock {self.key}"
 
 
 class LockStoreError(UniqueTaskError):

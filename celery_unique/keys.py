@@ -38,6 +38,9 @@ from kombu.utils.json import dumps as _kombu_json_dumps
 if TYPE_CHECKING:
     from .task import UniqueTask
 
+
+from .errors import UniqueTypeError, UniqueValueError
+
 __all__ = [
     "LockKey",
     "argument_digest",
@@ -135,9 +138,9 @@ def call_digest(
             arguments = shape.bind(args, kwargs)
         except TypeError as exc:
             if task.typing:
-                raise TypeError(f"{task.name}: {exc}") from None
+                raise UniqueTypeError(f"{task.name}: {exc}") from None
             if unique_on is not None:
-                raise TypeError(
+                raise UniqueTypeError(
                     f"{task.name}: unique_on selects parameters by name, but the call does "
                     f"not fit the task's signature {shape.signature}: {exc}"
                 ) from None
@@ -310,7 +313,7 @@ def _select(
             if name in extra:
                 selected[name] = extra[name]
         else:
-            raise ValueError(
+            raise UniqueValueError(
                 f"{task_name}: unique_on names {name!r}, which is not a parameter of the task "
                 f"(parameters: {', '.join(parameters) or 'none'})"
             )
@@ -358,9 +361,9 @@ def _digest(task_name: str, identity: Any, serializer: str, *, from_hook: bool) 
     try:
         text = canonical_text(identity, serializer)
     except SerializerNotInstalled as exc:
-        raise ValueError(f"{task_name}: serializer {serializer!r} is not installed: {exc}") from None
+        raise UniqueValueError(f"{task_name}: serializer {serializer!r} is not installed: {exc}") from None
     except _ENCODING_ERRORS as exc:
-        raise TypeError(_no_canonical_form(task_name, identity, serializer, exc, from_hook)) from exc
+        raise UniqueTypeError(_no_canonical_form(task_name, identity, serializer, exc, from_hook)) from exc
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 

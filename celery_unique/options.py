@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
+from .errors import UniqueTypeError, UniqueValueError
+
 __all__ = ["ON_DUPLICATE", "OPTION_NAMES", "UNTIL", "UniqueOptions", "check_choice", "check_unique_on"]
 
 Until = Literal["success", "finish", "start"]
@@ -41,7 +43,7 @@ def check_choice(task_name: str, option: str, value: Any, choices: Sequence[str]
     """Return ``value`` if it is one of ``choices``, else raise ``ValueError``."""
     if isinstance(value, str) and value in choices:
         return value
-    raise ValueError(
+    raise UniqueValueError(
         f"{task_name}: {option} must be one of {', '.join(map(repr, choices))}, not {value!r}"
     )
 
@@ -54,6 +56,6 @@ def check_unique_on(task_name: str, value: Any) -> tuple[str, ...] | None:
         return (value,)
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
-    raise TypeError(
+    raise UniqueTypeError(
         f"{task_name}: unique_on must be a sequence of parameter names, not {value!r}"
     )

@@ -9,6 +9,8 @@ from typing import Any
 
 from celery.utils.time import maybe_make_aware
 
+from .errors import UniqueTypeError, UniqueValueError
+
 __all__ = ["MAX_TTL_SECONDS", "MIN_TTL_SECONDS", "delay_ms", "ttl_ms"]
 
 #: Asynq refuses shorter locks ("Unique TTL cannot be less than 1s").
@@ -33,12 +35,12 @@ def ttl_ms(task_name: str, value: Any) -> int:
         except OverflowError:
             seconds = math.inf
     else:
-        raise TypeError(
+        raise UniqueTypeError(
             f"{task_name}: unique must be a number of seconds or a datetime.timedelta, "
             f"not {type(value).__name__} {value!r}"
         )
     if not math.isfinite(seconds) or not MIN_TTL_SECONDS <= seconds <= MAX_TTL_SECONDS:
-        raise ValueError(
+        raise UniqueValueError(
             f"{task_name}: unique must be at least {MIN_TTL_SECONDS:g} second and at most "
             f"{MAX_TTL_SECONDS:g} seconds, not {value!r}"
         )

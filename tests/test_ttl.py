@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_unique import UniqueTask
+from celery_unique import InvalidCallError, UniqueTask, UniqueTaskError
 from celery_unique.ttl import ttl_ms
 
 
@@ -77,3 +78,17 @@ def test_timedelta_sets_the_lock_ttl(tasks: SimpleNamespace, locks: redis.Redis)
     tasks.send_report.apply_async((1,), unique=timedelta(minutes=5))
     (key,) = locks.keys("*")
     assert 299_000 < locks.pttl(key) <= 300_000
+
+
+@pytest.mark.parametrize(("value", "kind"), [(0.5, ValueError), ("60", TypeError)])
+def test_bad_input_errors_share_the_package_root(
+    tasks: SimpleNamespace, value: Any, kind: type[Exception]
+) -> None:
+    """A bad TTL is both the built-in error and an InvalidCallError, and pickles as itself."""
+    with pytest.raises(kind) as info:
+        tasks.send_report.apply_async((1,), unique=value)
+    assert isinstance(info.value, InvalidCallError)
+    assert isinstance(info.value, UniqueTaskError)
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert type(copy) is type(info.value)
+    assert str(copy) == str(info.value)
