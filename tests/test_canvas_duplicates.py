@@ -106,7 +106,8 @@ def test_chord_header_member_with_existing_fails_the_chord(life: Lifecycle, tmp_
         result = chord(
             [double.s(1).set(unique=60), double.s(2).set(unique=60, on_duplicate="existing")], total.s()
         ).apply_async()
-        with pytest.raises(ChordError) as info:
+        # get() re-raises the failed member's error, or the body's ChordError quoting it.
+        with pytest.raises((DuplicateTaskError, ChordError)) as info:
             result.get(timeout=TIMEOUT)
         assert holder.id in str(info.value)
         holder.revoke()
@@ -230,3 +231,31 @@ def test_real_beat_duplicate_tick_is_logged_not_an_error(
     assert "ERROR" not in text
     assert "SchedulingError" not in text
     assert "Traceback" not in text
+
+
+def test_first_chain_step_with_existing_fails_the_chain(life: Lifecycle, tmp_path: Path) -> None:
+    """A chain whose first step is a duplicate with "existing" returns, and its result raises at once."""
+    app = life.app()
+    double = app.tasks["life.double"]
+    holder = park(app, 2)
+    result = chain(double.s(2).set(unique=60, on_duplicate="existing"), double.s()).apply_async()
+    with pytest.raises(DuplicateTaskError) as info:
+        result.get(timeout=TIMEOUT)
+    assert info.value.task_id == holder.id
+    holder.revoke()
+
+
+def test_link_with_raise_fails_the_parent_and_tells_the_errback(life: Lifecycle, tmp_path: Path) -> None:
+    """A duplicate link callback with "raise" fails its parent; the callback's errback hears of it."""
+    app = life.app()
+    double = app.tasks["life.double"]
+    scratch = life.scratch_client()
+    with life.worker(tmp_path / "worker.log"):
+        holder = park(app, 2)
+        callback = double.s().set(unique=60)
+        callback.link_error(app.tasks["life.errback"].s(token="raised"))
+        result = double.apply_async((1,), link=callback)
+        with pytest.raises(DuplicateTaskError):
+            result.get(timeout=TIMEOUT)
+        wait_until(lambda: scratch.lrange("errback:raised", 0, -1), what="errback called")
+        holder.revoke()
