@@ -217,8 +217,16 @@ class StoreTarget:
             tls = _inherit_broker_tls(app, self.address, connection) or tls
         options = dict(config.redis_options)
         options_name = setting_name(app, "unique_redis_options")
+        wants_tls = any(key.startswith("ssl") for key in (*connection, *options))
+        if self.address.sentinels and wants_tls:
+            source = options_name if any(key.startswith("ssl") for key in options) else self.address.setting
+            raise ConfigurationError(
+                f"{source}: TLS to Sentinel-managed Redis is not supported by the lock store "
+                f"({redact(self.address.url)!r}); set {setting_name(app, 'unique_redis_url')} "
+                "to a rediss:// URL instead"
+            )
         if any(key.startswith("ssl") for key in options):
-            if not tls and not self.address.sentinels:
+            if not tls:
                 raise ConfigurationError(
                     f"{options_name} has TLS options ({', '.join(sorted(options))}) but the lock "
                     f"store's URL is not rediss://: {redact(self.address.url)!r}"
@@ -229,13 +237,7 @@ class StoreTarget:
             check_connection_options({**options, "connection_class": cls}, options_name)
         connection.update(options)
         master_name, sentinel_kwargs = self._sentinel_options(app, config)
-        if self.address.sentinels and any(key.startswith("ssl") for key in connection):
-            raise ConfigurationError(
-                f"{self.address.setting}: TLS to Sentinel-managed Redis is not supported by the "
-                f"lock store ({redact(self.address.url)!r}); set {setting_name(app, 'unique_redis_url')} "
-                "to a rediss:// URL instead"
-            )
-        if (tls or self.address.tls) and connection.get("ssl_cert_reqs") == ssl.CERT_NONE:
+        if tls and connection.get("ssl_cert_reqs") == ssl.CERT_NONE:
             logger.warning(
                 "celery_unique: the lock store's TLS certificate is not verified "
                 "(ssl_cert_reqs is CERT_NONE): %s", self.describe()

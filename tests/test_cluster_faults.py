@@ -188,3 +188,18 @@ def test_full_coverage_no_keeps_the_other_primaries_serving(
         f"{max(d for d, _ in served) * 1000:.0f} ms), {len(lost)} on the lost one failed with "
         f"LockStoreError (slowest {slowest * 1000:.0f} ms)"
     )
+
+
+def test_every_primary_down_is_a_lock_store_error(
+    redis_server: RedisServer, broker: redis.Redis, cluster: LocalCluster
+) -> None:
+    """With no node left to answer, an enqueue raises LockStoreError, not redis-py's RedisClusterException."""
+    app = make_app(redis_server, cluster)
+    task: Any = app.tasks["tests.cluster_fault"]
+    task.apply_async((1,), unique=60)
+    for node in cluster.nodes:
+        node.stop()
+    with pytest.raises(LockStoreError) as info:
+        task.apply_async((2,), unique=60)
+    assert isinstance(info.value.__cause__, redis.RedisError)
+    assert broker.llen("celery") == 1

@@ -325,3 +325,39 @@ def test_describe_store_names_django_setting(redis_server: RedisServer) -> None:
     """describe_store() names CELERY_UNIQUE_REDIS_URL for a Django-configured app."""
     app = _django_app(BROKER_URL="memory://", UNIQUE_REDIS_URL=redis_server.url(2))
     assert describe_store(app) == f"{redis_server.url(2)} (CELERY_UNIQUE_REDIS_URL)"
+
+
+# --- combinations the lock store refuses -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("conf", "named"),
+    [
+        ({"broker_url": f"sentinel://:{SECRET}@127.0.0.1:26379",
+          "broker_transport_options": {"master_name": "m"},
+          "broker_use_ssl": {"ssl_cert_reqs": "required"}}, "not supported"),
+        ({"unique_redis_url": f"sentinel://:{SECRET}@127.0.0.1:26379",
+          "unique_redis_transport_options": {"master_name": "m"},
+          "unique_redis_options": {"ssl_cert_reqs": "required"}}, "not supported"),
+        ({"broker_url": f"redis+socket://:{SECRET}@/tmp/r.sock",
+          "broker_use_ssl": {"ssl_cert_reqs": "required"}}, "unix socket"),
+        ({"unique_redis_url": f"unix://:{SECRET}@/tmp/r.sock", "unique_redis_cluster": True}, "unix socket"),
+        ({"unique_redis_url": f"redis://:{SECRET}@127.0.0.1:7000/3", "unique_redis_cluster": True},
+         "database 0"),
+        ({"unique_redis_url": f"sentinel://:{SECRET}@127.0.0.1:26379",
+          "unique_redis_transport_options": {"master_name": "m"},
+          "unique_redis_cluster": True}, "Sentinel"),
+    ],
+)
+def test_unsupported_combinations(conf: dict[str, Any], named: str) -> None:
+    """Settings that cannot work together are a ConfigurationError at the first enqueue, password hidden."""
+    conf = dict(conf)
+    app = make_app(conf.pop("broker_url", "memory://"), **conf)
+    error = refused(app, named)
+    assert SECRET not in str(error)
+
+
+def test_describe_store_of_a_cluster() -> None:
+    """describe_store() says when the URL is a Redis Cluster's seed node."""
+    app = make_app("memory://", unique_redis_url="redis://10.0.0.1:7000/0", unique_redis_cluster=True)
+    assert describe_store(app) == "Redis Cluster redis://10.0.0.1:7000/0 (unique_redis_url)"
