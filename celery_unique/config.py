@@ -268,8 +268,9 @@ class StoreTarget:
             )
         sentinel_kwargs = options.get("sentinel_kwargs") or {}
         if not isinstance(sentinel_kwargs, dict):
+            # Not shown: it may hold the Sentinels' password.
             raise ConfigurationError(
-                f"sentinel_kwargs must be a dict, not {redact(sentinel_kwargs)!r}"
+                f"sentinel_kwargs must be a dict, not a {type(sentinel_kwargs).__name__}"
             )
         return master_name, dict(sentinel_kwargs)
 

@@ -236,6 +236,16 @@ def test_broker_use_ssl_is_inherited(
     assert describe_store(app) == f"{scheme}://127.0.0.1:{port}/0 (from broker_url)"
 
 
+def test_tls_options_in_a_redis_broker_url(tls: tuple[TlsFiles, int]) -> None:
+    """ssl_* options in a redis:// broker URL mean TLS, as kombu reads them, for the locks too."""
+    files, port = tls
+    query = f"ssl_cert_reqs=CERT_REQUIRED&ssl_ca_certs={files.ca_cert}"
+    app = make_app(f"redis://127.0.0.1:{port}/0?{query}", None)
+    store = lock_store(app)
+    assert store.acquire("unique:reliability:rel.noop:y", "task-2", 60_000) is None
+    assert _tls_client(files, port).get("unique:reliability:rel.noop:y") == b"task-2"
+
+
 def test_broker_use_ssl_in_celerys_spelling(mtls: tuple[TlsFiles, int]) -> None:
     """broker_use_ssl's ssl_cert_reqs may be the string "CERT_REQUIRED", as Celery spells it in URLs."""
     # kombu hands this string to redis-py unchanged, which refuses it, so only

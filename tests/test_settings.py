@@ -361,3 +361,11 @@ def test_describe_store_of_a_cluster() -> None:
     """describe_store() says when the URL is a Redis Cluster's seed node."""
     app = make_app("memory://", unique_redis_url="redis://10.0.0.1:7000/0", unique_redis_cluster=True)
     assert describe_store(app) == "Redis Cluster redis://10.0.0.1:7000/0 (unique_redis_url)"
+
+
+def test_redis_options_win_over_the_url(redis_server: RedisServer) -> None:
+    """unique_redis_options override what the URL says (here, its database)."""
+    app = make_app("memory://", unique_redis_url=redis_server.url(2), unique_redis_options={"db": 7})
+    enqueue(app)
+    assert len(lock_keys(redis_server.client(7))) == 1
+    assert lock_keys(redis_server.client(2)) == []
