@@ -3,47 +3,78 @@
 Every setting is a lower-case Celery setting with the ``unique_`` prefix, so it
 works in ``app.conf``, in a config module and in Django-style settings loaded
 with ``app.config_from_object(settings, namespace="CELERY")``
-(``CELERY_UNIQUE_REDIS_URL``). They are read at the first unique enqueue (or
-the first release in a worker) and cached on the app: change them before that.
+(``CELERY_UNIQUE_REDIS_URL``); errors name a setting as the app spells it.
+They are read at the first unique enqueue (or the first release in a worker)
+and cached on the app: change them before that.
+
+Without ``unique_redis_url`` the locks go to the broker's Redis: the URL
+Celery publishes with (``broker_write_url``, else ``broker_url``, each
+possibly from its ``CELERY_BROKER_*`` environment variable), read with the
+meaning kombu gives it, and ``broker_use_ssl``. Nothing else of the broker's
+is inherited, except the Sentinel ``master_name`` and ``sentinel_kwargs`` of
+a ``sentinel://`` broker, which say where its master is.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import redis
+from celery.utils.text import match_case
+
 from .errors import ConfigurationError
 from .options import ON_DUPLICATE, UNTIL, OnDuplicate, Until
+from .redis_url import (
+    SERVER_SCHEMES,
+    RedisAddress,
+    check_connection_options,
+    check_tls_options,
+    parse_redis_url,
+    redact,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
 
     from .lock import LockStore
 
-__all__ = ["UniqueConfig", "lock_store"]
+__all__ = ["StoreTarget", "UniqueConfig", "describe_store", "lock_store", "setting_name"]
 
 logger = logging.getLogger(__name__)
-
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # a broker_url the locks can share
 
 #: Attribute of the Celery app that holds this library's state for that app.
 _STATE_ATTR = "_celery_unique_state"
 _state_lock = threading.Lock()
+
+#: The parts of ``broker_transport_options`` a ``sentinel://`` broker's locks
+#: inherit: where the master is and how to reach the Sentinels, nothing that
+#: tunes kombu's transport.
+SENTINEL_ADDRESS_OPTIONS = ("master_name", "sentinel_kwargs")
+
+
+def setting_name(app: Celery, key: str) -> str:
+    """Return the name of setting ``key`` as ``app`` reads it: ``CELERY_UNIQUE_REDIS_URL``
+    for an app configured with ``namespace="CELERY"``, else ``key`` itself."""
+    prefix = getattr(app.conf, "prefix", None)
+    return match_case(prefix + key, prefix) if prefix else key
 
 
 @dataclass(frozen=True)
 class UniqueConfig:
     """The ``unique_*`` settings of one Celery app."""
 
-    #: Where the locks live. ``None`` falls back to a Redis ``broker_url``.
+    #: Where the locks live. ``None`` falls back to a Redis broker.
     redis_url: str | None = None
     #: First part of every lock key.
     key_prefix: str = "unique"
     #: Seconds to wait for the lock store to connect or answer.
     socket_timeout: float = 5.0
-    #: Extra keyword arguments for ``redis.Redis.from_url`` (TLS files, ...).
+    #: Extra keyword arguments for the redis-py connections (TLS files, ...).
     redis_options: dict[str, Any] = field(default_factory=dict)
     #: Sentinel options, as in ``broker_transport_options``: ``master_name``
     #: (required with a ``sentinel://`` URL) and ``sentinel_kwargs``.
@@ -68,29 +99,34 @@ class UniqueConfig:
     def from_app(cls, app: Celery) -> UniqueConfig:
         """Read the ``unique_*`` settings of ``app``, checking each one."""
         conf = app.conf
+
+        def name(key: str) -> str:
+            return setting_name(app, key)
+
         prefix = conf.get("unique_key_prefix", cls.key_prefix)
         if not isinstance(prefix, str) or not prefix:
             raise ConfigurationError(
-                f"unique_key_prefix must be a non-empty string, not {prefix!r}"
+                f"{name('unique_key_prefix')} must be a non-empty string, not {prefix!r}"
             )
         timeout = conf.get("unique_redis_socket_timeout", cls.socket_timeout)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigurationError(
-                f"unique_redis_socket_timeout must be a positive number of seconds, not {timeout!r}"
+                f"{name('unique_redis_socket_timeout')} must be a positive number of seconds, "
+                f"not {timeout!r}"
             )
         options = conf.get("unique_redis_options") or {}
         if not isinstance(options, dict):
-            raise ConfigurationError(
-                f"unique_redis_options must be a dict, not {options!r}"
-            )
+            raise ConfigurationError(f"{name('unique_redis_options')} must be a dict, not {options!r}")
         transport_options = conf.get("unique_redis_transport_options") or {}
         if not isinstance(transport_options, dict):
             raise ConfigurationError(
-                f"unique_redis_transport_options must be a dict, not {transport_options!r}"
+                f"{name('unique_redis_transport_options')} must be a dict, not {transport_options!r}"
             )
         cluster = conf.get("unique_redis_cluster", False)
         if not isinstance(cluster, bool):
-            raise ConfigurationError(f"unique_redis_cluster must be True or False, not {cluster!r}")
+            raise ConfigurationError(
+                f"{name('unique_redis_cluster')} must be True or False, not {cluster!r}"
+            )
         running_ttl = conf.get("unique_running_ttl", cls.running_ttl)
         if (
             isinstance(running_ttl, bool)
@@ -98,16 +134,17 @@ class UniqueConfig:
             or not running_ttl >= 1
         ):
             raise ConfigurationError(
-                f"unique_running_ttl must be a number of seconds, at least 1, not {running_ttl!r}"
+                f"{name('unique_running_ttl')} must be a number of seconds, at least 1, "
+                f"not {running_ttl!r}"
             )
         check_holder = conf.get("unique_check_holder", cls.check_holder)
         if not isinstance(check_holder, bool):
             raise ConfigurationError(
-                f"unique_check_holder must be True or False, not {check_holder!r}"
+                f"{name('unique_check_holder')} must be True or False, not {check_holder!r}"
             )
         url = conf.get("unique_redis_url")
         if url is not None and not isinstance(url, str):
-            raise ConfigurationError(f"unique_redis_url must be a string, not {url!r}")
+            raise ConfigurationError(f"{name('unique_redis_url')} must be a string, not {redact(url)!r}")
         until = conf.get("unique_until") or cls.until
         on_duplicate = conf.get("unique_on_duplicate") or cls.on_duplicate
         for setting, value, choices in (
@@ -116,7 +153,7 @@ class UniqueConfig:
         ):
             if value not in choices:
                 raise ConfigurationError(
-                    f"{setting} must be one of {', '.join(map(repr, choices))}, not {value!r}"
+                    f"{name(setting)} must be one of {', '.join(map(repr, choices))}, not {value!r}"
                 )
         return cls(
             default_queue=str(conf.get("task_default_queue") or cls.default_queue),
@@ -132,31 +169,180 @@ class UniqueConfig:
             check_holder=check_holder,
         )
 
-    def resolve_redis_url(self, app: Celery) -> str:
-        """Return the lock store's URL: ``unique_redis_url``, else a Redis broker's."""
-        if self.redis_url:
-            return self.redis_url
-        broker_url = app.conf.get("broker_url")
-        if isinstance(broker_url, str) and broker_url.startswith(REDIS_SCHEMES):
-            # A failover list ("redis://a;redis://b") names one server per entry;
-            # locks must live in one place, so take the first.
-            url = broker_url.split(";")[0].strip()
-            # Only the URL is inherited, never broker_transport_options: options
-            # meant for kombu's transport are not redis-py's.
-            logger.info("celery_unique: unique_redis_url is not set, using the broker's Redis")
-            return url
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """Where the locks live, resolved from the settings, and how to connect there."""
+
+    #: The server (or the Sentinels), with every connection option merged.
+    address: RedisAddress
+    #: True when the URL is the broker's (``unique_redis_url`` is not set).
+    inherited: bool = False
+    #: The URL is a seed node of a Redis Cluster.
+    cluster: bool = False
+    #: Name of the Sentinel-managed master, for a ``sentinel://`` URL.
+    master_name: str | None = None
+    #: Options of the connections to the Sentinels themselves.
+    sentinel_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """Where the locks live, with every password hidden."""
+        where = redact(self.address.url)
+        if self.master_name is not None:
+            where += f" master {self.master_name!r}"
+        if self.cluster:
+            where = f"Redis Cluster {where}"
+        source = f"from {self.address.setting}" if self.inherited else self.address.setting
+        return f"{where} ({source})"
+
+    @classmethod
+    def from_app(cls, app: Celery, config: UniqueConfig) -> StoreTarget:
+        """Resolve the lock store's address from ``app``'s settings, checking every part."""
+        if config.redis_url:
+            address = parse_redis_url(config.redis_url, setting_name(app, "unique_redis_url"))
+            target = cls(address, cluster=config.cluster)
+        else:
+            target = cls._from_broker(app, config)
+        return target._with_options(app, config)
+
+    @classmethod
+    def _from_broker(cls, app: Celery, config: UniqueConfig) -> StoreTarget:
+        source, broker_url = _broker_url(app)
+        entries = [
+            part.strip()
+            for item in (broker_url if isinstance(broker_url, (list, tuple)) else [broker_url])
+            if isinstance(item, str)
+            for part in item.split(";")
+            if part.strip()
+        ]
+        schemes = [entry.partition("://")[0].lower() for entry in entries]
+        if schemes and schemes[0] == "sentinel":
+            sentinels = ";".join(e for e, s in zip(entries, schemes, strict=True) if s == "sentinel")
+            address = parse_redis_url(sentinels, source, kombu_tls=True)
+            return cls(address, inherited=True, cluster=config.cluster)
+        for entry, scheme in zip(entries, schemes, strict=True):
+            if scheme in SERVER_SCHEMES:
+                # A failover list names one broker per entry. The locks must
+                # live in one place: they take the first Redis and do not fail
+                # over with the broker.
+                address = parse_redis_url(entry, source, kombu_tls=True)
+                return cls(address, inherited=True, cluster=config.cluster)
         raise ConfigurationError(
-            "celery_unique needs a Redis for its locks: set unique_redis_url "
-            f"(the broker URL {_redact(broker_url)!r} is not a redis://, rediss:// or unix:// URL)"
+            f"celery_unique needs a Redis for its locks: set {setting_name(app, 'unique_redis_url')} "
+            f"({source} {redact(broker_url)!r} has no redis://, rediss://, redis+socket://, "
+            "unix:// or sentinel:// URL)"
         )
 
+    def _with_options(self, app: Celery, config: UniqueConfig) -> StoreTarget:
+        connection = dict(self.address.connection)
+        tls = self.address.tls
+        if self.inherited:
+            tls = _inherit_broker_tls(app, self.address, connection) or tls
+        options = dict(config.redis_options)
+        options_name = setting_name(app, "unique_redis_options")
+        wants_tls = any(key.startswith("ssl") for key in (*connection, *options))
+        if self.address.sentinels and wants_tls:
+            source = options_name if any(key.startswith("ssl") for key in options) else self.address.setting
+            raise ConfigurationError(
+                f"{source}: TLS to Sentinel-managed Redis is not supported by the lock store "
+                f"({redact(self.address.url)!r}); set {setting_name(app, 'unique_redis_url')} "
+                "to a rediss:// URL instead"
+            )
+        if any(key.startswith("ssl") for key in options):
+            if not tls:
+                raise ConfigurationError(
+                    f"{options_name} has TLS options ({', '.join(sorted(options))}) but the lock "
+                    f"store's URL is not rediss://: {redact(self.address.url)!r}"
+                )
+            check_tls_options(options, options_name)
+        if not self.cluster:
+            cls = connection.get("connection_class") or redis.Connection
+            check_connection_options({**options, "connection_class": cls}, options_name)
+        connection.update(options)
+        master_name, sentinel_kwargs = self._sentinel_options(app, config)
+        if tls and connection.get("ssl_cert_reqs") == ssl.CERT_NONE:
+            logger.warning(
+                "celery_unique: the lock store's TLS certificate is not verified "
+                "(ssl_cert_reqs is CERT_NONE): %s", self.describe()
+            )
+        address = RedisAddress(self.address.url, self.address.setting, connection, self.address.sentinels)
+        return StoreTarget(address, self.inherited, self.cluster, master_name, sentinel_kwargs)
 
-def _redact(url: Any) -> Any:
-    """Hide a password in a URL shown in an error message."""
-    if isinstance(url, str) and "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
+    def _sentinel_options(
+        self, app: Celery, config: UniqueConfig
+    ) -> tuple[str | None, dict[str, Any]]:
+        if not self.address.sentinels:
+            return None, {}
+        options = dict(config.transport_options)
+        if self.inherited:
+            broker_options = app.conf.get("broker_transport_options") or {}
+            for key in SENTINEL_ADDRESS_OPTIONS:
+                if key in broker_options:
+                    options.setdefault(key, broker_options[key])
+        master_name = options.get("master_name")
+        if not master_name or not isinstance(master_name, str):
+            where = setting_name(app, "unique_redis_transport_options")
+            if self.inherited:
+                where += f" or {setting_name(app, 'broker_transport_options')}"
+            raise ConfigurationError(
+                f"a sentinel:// lock store ({self.address.setting} {redact(self.address.url)!r}) "
+                f"needs the master's name: set {where} = {{'master_name': ...}} "
+                f"(got master_name={master_name!r})"
+            )
+        sentinel_kwargs = options.get("sentinel_kwargs") or {}
+        if not isinstance(sentinel_kwargs, dict):
+            # Not shown: it may hold the Sentinels' password.
+            raise ConfigurationError(
+                f"sentinel_kwargs must be a dict, not a {type(sentinel_kwargs).__name__}"
+            )
+        return master_name, dict(sentinel_kwargs)
+
+
+def _broker_url(app: Celery) -> tuple[str, Any]:
+    """Return the setting the URL Celery publishes with comes from, and that URL.
+
+    Celery's ``conf.broker_write_url`` property, spelled out to name its
+    source: the ``CELERY_BROKER_WRITE_URL`` environment variable, then
+    ``broker_write_url``, then ``CELERY_BROKER_URL``, then ``broker_url``.
+    Writes go there, and locks are writes.
+    """
+    conf = app.conf
+    for variable, key in (
+        ("CELERY_BROKER_WRITE_URL", "broker_write_url"),
+        ("CELERY_BROKER_URL", "broker_url"),
+    ):
+        if os.environ.get(variable):
+            return f"the {variable} environment variable", os.environ[variable]
+        value = conf.first(key, "broker_host") if key == "broker_url" else conf.get(key)
+        if value:
+            return setting_name(app, key), value
+    return setting_name(app, "broker_url"), None
+
+
+def _inherit_broker_tls(app: Celery, address: RedisAddress, connection: dict[str, Any]) -> bool:
+    """Apply ``broker_use_ssl`` to a URL inherited from the broker, as kombu does; return
+    whether the connection is now TLS."""
+    if any(key.startswith("ssl_") for key in connection):
+        return address.tls  # kombu: ssl_* options in the URL replace broker_use_ssl
+    name = setting_name(app, "broker_use_ssl")
+    use_ssl = app.conf.get("broker_use_ssl")
+    # kombu's Redis transport applies only a dict (anything else is ignored).
+    if isinstance(use_ssl, dict) and use_ssl:
+        if address.connection.get("path"):
+            raise ConfigurationError(
+                f"{name} is set, but the broker is a unix socket: {redact(address.url)!r}"
+            )
+        options = dict(use_ssl)
+        check_tls_options(options, name)
+        check_connection_options({**options, "connection_class": redis.SSLConnection}, name)
+        connection.update(options)
+        if not address.sentinels:
+            connection["connection_class"] = redis.SSLConnection
+        return True
+    if address.tls:
+        # kombu's default for a bare rediss:// broker: no verification.
+        connection["ssl_cert_reqs"] = ssl.CERT_NONE
+    return address.tls
 
 
 class _AppState:
@@ -165,7 +351,21 @@ class _AppState:
     def __init__(self, app: Celery) -> None:
         self.config = UniqueConfig.from_app(app)
         self._app = app
+        self._target: StoreTarget | None = None
         self._store: LockStore | None = None
+
+    @property
+    def target(self) -> StoreTarget:
+        """Where the locks live, resolved (and checked) once."""
+        if self._target is None:
+            target = StoreTarget.from_app(self._app, self.config)
+            if target.inherited:
+                logger.info(
+                    "celery_unique: unique_redis_url is not set, the locks go to the broker's "
+                    "Redis: %s", target.describe()
+                )
+            self._target = target
+        return self._target
 
     @property
     def store(self) -> LockStore:
@@ -175,15 +375,7 @@ class _AppState:
 
             with _state_lock:
                 if self._store is None:
-                    self._store = LockStore(
-                        connect(
-                            self.config.resolve_redis_url(self._app),
-                            socket_timeout=self.config.socket_timeout,
-                            options=self.config.redis_options,
-                            transport_options=self.config.transport_options,
-                            cluster=self.config.cluster,
-                        )
-                    )
+                    self._store = LockStore(connect(self.target, self.config.socket_timeout))
         return self._store
 
 
@@ -202,3 +394,16 @@ def app_state(app: Celery) -> _AppState:
 def lock_store(app: Celery) -> LockStore:
     """Return the app's lock store (one Redis connection pool per app)."""
     return app_state(app).store
+
+
+def describe_store(app: Celery) -> str:
+    """Say where ``app``'s locks live, every password hidden, without connecting.
+
+    For example ``redis://:***@10.0.0.5:6379/2 (unique_redis_url)``,
+    ``rediss://10.0.0.5:6380/0 (from broker_url)``,
+    ``sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379/2 master 'mymaster'
+    (unique_redis_url)`` or ``Redis Cluster redis://10.0.0.1:7000/0
+    (unique_redis_url)``. Raises ``ConfigurationError`` as the first unique
+    enqueue would.
+    """
+    return app_state(app).target.describe()

@@ -1,91 +1,114 @@
 """Build the lock store's Redis client: one server, Sentinel, or a Cluster.
 
-The settings follow Celery's own Redis conventions:
+The address comes resolved from :class:`celery_unique.config.StoreTarget`
+(URL, TLS and ``unique_redis_options`` merged); this module picks the client:
 
-* ``redis://``, ``rediss://`` and ``unix://`` URLs name one server, as
-  ``broker_url`` does; TLS files go in the URL or in ``unique_redis_options``.
-* ``sentinel://host:port;sentinel://host2:port`` names Sentinels, with the
-  master's name in ``unique_redis_transport_options={"master_name": ...}``,
-  as ``broker_transport_options`` and ``result_backend_transport_options`` do.
-* ``unique_redis_cluster = True`` makes the URL a seed node of a Redis Cluster
-  (redis-py's ``RedisCluster``). Every lock operation touches one key, so each
-  is valid on a cluster, and keys spread over all slots.
+* one server (``redis://``, ``rediss://``, a unix socket): ``redis.Redis``;
+* ``sentinel://`` URLs: the master of ``master_name``, looked up through the
+  Sentinels whenever a connection to it is opened, so a failover is followed;
+* ``unique_redis_cluster = True``: ``redis.cluster.RedisCluster`` seeded with
+  the URL's node. Every lock operation touches one key, so each is valid on a
+  cluster, and keys spread over all slots.
+
+Every client waits at most ``unique_redis_socket_timeout`` for a connection or
+a reply. A dropped connection (a restarted server, a pooled socket closed by a
+proxy, a master demoted by a failover) is retried once on a fresh connection;
+a timeout is not, so the caller hears of a stalled server within the timeout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from .errors import ConfigurationError
+from .redis_url import redact
 
-__all__ = ["connect"]
+if TYPE_CHECKING:
+    from .config import StoreTarget
+
+__all__ = ["CLUSTER_RETRIES", "connect"]
+
+#: How many times a cluster command is retried after a connection error, a
+#: timeout or CLUSTERDOWN. redis-py's default (3, with a backoff and a
+#: topology refresh each time) made one failing call take 2.8 s at a 0.5 s
+#: timeout; with none, a call fails after its own timeout plus one refresh.
+CLUSTER_RETRIES = 0
 
 
-def connect(
-    url: str,
-    *,
-    socket_timeout: float,
-    options: Mapping[str, Any],
-    transport_options: Mapping[str, Any],
-    cluster: bool,
-) -> Any:
-    """Return a redis-py client for ``url`` that waits at most ``socket_timeout`` s.
-
-    A dropped connection (a restarted server, a pooled socket closed by a
-    proxy) is retried once on a fresh connection; timeouts are not retried,
-    so the caller hears of a stalled server within ``socket_timeout``.
-    """
+def connect(target: StoreTarget, socket_timeout: float) -> Any:
+    """Return a redis-py client for ``target`` that waits at most ``socket_timeout`` s."""
     kwargs: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_timeout,
-        **options,
+        **target.address.connection,
     }
-    if url.startswith("sentinel://"):
-        return _sentinel_master(url, kwargs, transport_options)
-    if cluster:
-        return RedisCluster.from_url(url, **kwargs)
+    if target.address.sentinels:
+        if target.cluster:
+            raise ConfigurationError(
+                f"unique_redis_cluster is True, but the lock store is Sentinel: "
+                f"{redact(target.address.url)!r}"
+            )
+        return _sentinel_master(target, kwargs)
+    if target.cluster:
+        return _cluster(target, kwargs)
     kwargs.setdefault("retry", _retry_once())
-    return redis.Redis.from_url(url, **kwargs)
+    return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
 
 
 def _retry_once() -> Retry:
     return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
 
 
-def _sentinel_master(
-    url: str, kwargs: dict[str, Any], transport_options: Mapping[str, Any]
-) -> redis.Redis:
-    master_name = transport_options.get("master_name")
-    if not master_name:
-        raise ConfigurationError(
-            f"a sentinel:// unique_redis_url needs the master's name: set "
-            f"unique_redis_transport_options = {{'master_name': ...}} (got {dict(transport_options)!r})"
-        )
-    hosts: list[tuple[str, int]] = []
-    password = db = None
-    for part in url.split(";"):
-        parts = urlsplit(part.strip())
-        if parts.scheme != "sentinel" or not parts.hostname:
-            raise ConfigurationError(f"unique_redis_url: {part.strip()!r} is not a sentinel://host:port URL")
-        hosts.append((parts.hostname, parts.port or 26379))
-        password = password or (unquote(parts.password) if parts.password else None)
-        path = parts.path.strip("/")
-        db = db if db is not None else (int(path) if path.isdigit() else None)
-    sentinel_kwargs = dict(transport_options.get("sentinel_kwargs") or {})
+def _sentinel_master(target: StoreTarget, kwargs: dict[str, Any]) -> redis.Redis:
+    sentinel_kwargs = dict(target.sentinel_kwargs)
     for name in ("socket_timeout", "socket_connect_timeout"):
         sentinel_kwargs.setdefault(name, kwargs[name])
-    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
-    # The master is looked up again whenever its connection fails, so after a
-    # failover the next enqueue reaches the new master.
-    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        master_name, db=db or 0, password=password, retry=_retry_once()
+    db = kwargs.pop("db", 0)
+    kwargs.setdefault("retry", _retry_once())
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.address.sentinels), sentinel_kwargs=sentinel_kwargs, **kwargs
     )
+    # The master is looked up again whenever its connection fails, and a
+    # pooled connection to a master since demoted answers READONLY, which
+    # redis-py turns into a ConnectionError: the retry then reaches the new
+    # master, so a release after a failover lands where the lock now lives.
+    master: redis.Redis = sentinel.master_for(target.master_name, db=db)  # type: ignore[no-untyped-call]
     return master
+
+
+class _LockStoreCluster(RedisCluster):
+    """``RedisCluster`` whose failures are all ``redis.RedisError``.
+
+    redis-py raises ``RedisClusterException`` (not a ``RedisError``) when no
+    node answers a topology refresh or a slot has no node: callers that
+    catch ``RedisError`` for "the lock store did not answer" would miss it.
+    """
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisClusterException as exc:
+            raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _cluster(target: StoreTarget, kwargs: dict[str, Any]) -> RedisCluster:
+    where = f"{target.address.setting} {redact(target.address.url)!r}"
+    if "path" in kwargs:
+        raise ConfigurationError(f"a Redis Cluster is reached over TCP, not a unix socket: {where}")
+    if kwargs.pop("db", 0) != 0:
+        raise ConfigurationError(f"a Redis Cluster has only database 0: {where}")
+    retry = kwargs.pop("retry", None) or Retry(NoBackoff(), CLUSTER_RETRIES)
+    try:
+        return _LockStoreCluster(
+            host=kwargs.pop("host", "localhost"), port=kwargs.pop("port", 6379), retry=retry, **kwargs
+        )
+    except RedisClusterException as exc:
+        # Building the client reads the slot map from the seed node.
+        raise ClusterError(f"{type(exc).__name__}: {exc}") from exc

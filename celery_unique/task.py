@@ -309,7 +309,10 @@ class UniqueTask(Task):  # type: ignore[misc]
             headers[UNTIL_HEADER] = unique.until
         options["headers"] = headers
 
-        store = state.store
+        try:
+            store = state.store
+        except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
+            raise LockStoreError(self.name, key, f"{type(exc).__name__}: {exc}") from exc
         backend = self.backend if state.config.check_holder else None
         check = backend is not None and not isinstance(backend, DisabledBackend)
         # A caller-chosen id may have run before: its marker says "queued" until

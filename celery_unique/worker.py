@@ -167,8 +167,7 @@ def _check_settings(sender: Any = None, **_: Any) -> None:
     if app is None:
         return
     try:
-        state = app_state(app)
-        state.config.resolve_redis_url(app)
+        app_state(app).target  # noqa: B018 - resolving it checks every setting
     except ConfigurationError as exc:
         # Reported once here, before the pool starts: its processes inherit
         # the fact and stay silent, running their tasks without locks.

@@ -176,30 +176,54 @@ def racer(setup: RaceSetup, index: int, barrier: Barrier, results: Any) -> None:
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """A throwaway CA and a server certificate it signed, for 127.0.0.1."""
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate it signed."""
 
     ca_cert: Path
     server_cert: Path
     server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+# The extensions Python 3.13's strict verification (VERIFY_X509_STRICT) asks
+# of a CA and of the certificates it signs.
+_CA_EXTENSIONS = (
+    "-addext", "basicConstraints=critical,CA:TRUE",
+    "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    "-addext", "subjectKeyIdentifier=hash",
+)
+_LEAF_EXTENSIONS = """basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+subjectKeyIdentifier=hash
+authorityKeyIdentifier=keyid,issuer
+"""
 
 
 def make_tls_files(directory: Path) -> TlsFiles:
-    """Generate a self-signed CA and a server certificate for 127.0.0.1 with ``openssl``."""
+    """Generate a CA, and server and client certificates it signed, with ``openssl``."""
     ca_key, ca_cert = directory / "ca.key", directory / "ca.crt"
-    key, csr, cert = directory / "server.key", directory / "server.csr", directory / "server.crt"
-    ext = directory / "server.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
 
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
 
     openssl("req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", str(ca_key),
-            "-out", str(ca_cert), "-days", "1", "-subj", "/CN=celery-unique test CA")
-    openssl("req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", str(key),
-            "-out", str(csr), "-subj", "/CN=127.0.0.1")
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-            "-CAcreateserial", "-out", str(cert), "-days", "1", "-extfile", str(ext))
-    return TlsFiles(ca_cert, cert, key)
+            "-out", str(ca_cert), "-days", "1", "-subj", "/CN=celery-unique test CA", *_CA_EXTENSIONS)
+
+    def leaf(name: str, extensions: str) -> tuple[Path, Path]:
+        key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.crt"
+        ext = directory / f"{name}.ext"
+        ext.write_text(_LEAF_EXTENSIONS + extensions)
+        openssl("req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", str(key),
+                "-out", str(csr), "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                "-CAcreateserial", "-out", str(cert), "-days", "1", "-extfile", str(ext))
+        return cert, key
+
+    server_cert, server_key = leaf(
+        "server", "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+    )
+    client_cert, client_key = leaf("client", "extendedKeyUsage=clientAuth\n")
+    return TlsFiles(ca_cert, server_cert, server_key, client_cert, client_key)
 
 
 class TlsUnsupportedError(RuntimeError):
@@ -207,19 +231,23 @@ class TlsUnsupportedError(RuntimeError):
 
 
 @contextmanager
-def tls_redis_server(files: TlsFiles, directory: Path) -> Iterator[int]:
-    """Run a redis-server that speaks only TLS on a free loopback port; yield the port."""
+def tls_redis_server(files: TlsFiles, directory: Path, *, auth_clients: bool = False) -> Iterator[int]:
+    """Run a redis-server that speaks only TLS on a free loopback port; yield the port.
+
+    With ``auth_clients`` it also asks clients for a certificate signed by the CA.
+    """
     port = free_port()
     args = [
         find_redis_server(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
         "--tls-cert-file", str(files.server_cert), "--tls-key-file", str(files.server_key),
-        "--tls-ca-cert-file", str(files.ca_cert), "--tls-auth-clients", "no",
+        "--tls-ca-cert-file", str(files.ca_cert), "--tls-auth-clients", "yes" if auth_clients else "no",
         "--save", "", "--appendonly", "no", "--dir", str(directory),
     ]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        probe = redis.Redis(host="127.0.0.1", port=port, ssl=True,
-                            ssl_ca_certs=str(files.ca_cert), socket_timeout=1)
+        probe = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(files.ca_cert),
+                            ssl_certfile=str(files.client_cert), ssl_keyfile=str(files.client_key),
+                            socket_timeout=1)
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -213,3 +213,104 @@ def test_failover_mid_stream(redis_server: RedisServer, broker: redis.Redis, fau
             f"\n  locks lost to asynchronous replication: {len(lost)} of {before_kill}"
         )
     assert topology.leftover() == []
+
+
+def test_sentinel_url_with_acl_user(redis_server: RedisServer, broker: redis.Redis) -> None:
+    """The user name and password of a sentinel:// URL (user:pw@) log in to the data nodes."""
+    with SentinelTopology(sentinels=1) as topology:
+        for node in (topology.primary, topology.replica):
+            admin = node.client()
+            admin.execute_command("ACL", "SETUSER", "locker", "on", ">s3cret", "~*", "+@all")
+            # The default user keeps its commands (Sentinel and replication
+            # use it) but loses every key: only "locker" can take a lock.
+            admin.execute_command("ACL", "SETUSER", "default", "resetkeys")
+            admin.close()
+        url = ";".join(
+            f"sentinel://locker:s3cret@127.0.0.1:{sentinel.port}/{LOCK_DB}" for sentinel in topology.sentinels
+        )
+        app = make_app(
+            redis_server,
+            url,
+            unique_redis_transport_options={"master_name": MASTER},
+            unique_redis_socket_timeout=SOCKET_TIMEOUT,
+        )
+        report = app.tasks["tests.sentinel.report"]
+        first = report.apply_async((1,), unique=60)
+        with pytest.raises(DuplicateTaskError) as refused:
+            report.apply_async((1,), unique=60)
+        as_locker = redis.Redis(
+            host="127.0.0.1", port=topology.primary.port, db=LOCK_DB, username="locker", password="s3cret"
+        )
+        assert as_locker.get(refused.value.key) == first.id.encode()
+        as_locker.close()
+        assert queued(broker) == 1
+    assert topology.leftover() == []
+
+
+def _sentinel_failover(topology: SentinelTopology) -> None:
+    """Ask a Sentinel for a failover: the old primary stays up and becomes a replica."""
+    client = topology.sentinels[0].client()
+    client.execute_command("SENTINEL", "FAILOVER", MASTER)
+    client.close()
+    wait_until(
+        lambda: topology.primary.client().info("replication")["role"] == "slave",
+        30,
+        "the old primary to be demoted",
+    )
+
+
+RELEASE_FAULTS = {
+    # A crash: the worker's pooled connection is closed under it.
+    "kill": SentinelTopology.kill_primary,
+    # A switchover: the pooled connection stays open, to a server that is
+    # now a replica and answers a write with READONLY.
+    "failover": _sentinel_failover,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", sorted(RELEASE_FAULTS))
+def test_release_after_failover_reaches_the_new_primary(redis_server: RedisServer, fault: str) -> None:
+    """A lock taken on the old primary is released on the new one when its task succeeds after a failover."""
+    scratch = redis_server.client(3)
+    with SentinelTopology(sentinels=3) as topology:
+        app = make_app(
+            redis_server,
+            topology.sentinel_url(LOCK_DB),
+            unique_redis_transport_options={"master_name": MASTER},
+            unique_redis_socket_timeout=SOCKET_TIMEOUT,
+        )
+
+        @app.task(base=UniqueTask, name="tests.sentinel.until_go", shared=False)
+        def until_go(token: str) -> str:
+            # Runs until the test says go: across the whole failover.
+            scratch.set(f"started:{token}", 1)
+            wait_until(lambda: scratch.get(f"go:{token}"), 60, "the test to say go")
+            return token
+
+        result = until_go.apply_async(("t1",), unique=120)
+        key = until_go.lock_key(("t1",), {}, {})
+        old_primary = topology.primary.client(LOCK_DB)
+        assert old_primary.get(key) == result.id.encode()
+        new_primary = topology.replica.client(LOCK_DB)
+        # Replicated before the failover, so the new primary has the lock.
+        wait_until(lambda: new_primary.get(key) == result.id.encode(), 5, "the lock on the replica")
+        old_primary.close()
+
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            wait_until(lambda: scratch.get("started:t1"), 10, "the task to start")
+            RELEASE_FAULTS[fault](topology)
+            wait_until(lambda: topology.master_port() == topology.replica.port, 30, "the failover")
+            assert new_primary.info("replication")["role"] == "master"
+            assert new_primary.get(key) == result.id.encode()
+            scratch.set("go:t1", 1)
+            assert result.get(timeout=20) == "t1"
+            # The worker's pooled connection went to the old primary: the
+            # release must have reconnected through the Sentinels.
+            wait_until(lambda: not new_primary.exists(key), 10, "the release on the new primary")
+            again = until_go.apply_async(("t1",), unique=120)
+            assert new_primary.get(key) == again.id.encode()
+            scratch.set("go:t1", 1)
+            assert again.get(timeout=20) == "t1"
+        new_primary.close()
+    assert topology.leftover() == []
