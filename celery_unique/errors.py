@@ -67,14 +67,23 @@ class DuplicateTaskError(UniqueTaskError):
 class LockStoreError(UniqueTaskError):
     """The lock store could not be reached; the Redis error is ``__cause__``.
 
-    Nothing was published when this is raised at enqueue.
+    Nothing was published when this is raised at enqueue. ``task_name`` and
+    ``key`` say what was being done: at enqueue, the task and its lock; in the
+    lock admin, the task filter (empty for every task) and the key or the key
+    pattern. ``node`` names the server that failed when the store has several
+    (a Redis Cluster), else it is ``None``.
     """
 
-    def __init__(self, task_name: str, key: str, reason: str) -> None:
-        super().__init__(task_name, key, reason)
+    def __init__(self, task_name: str, key: str, reason: str, node: str | None = None) -> None:
+        # ``args`` rebuild the error (pickle, a result backend's JSON); three of
+        # them when there is no node, as before ``node`` existed.
+        super().__init__(task_name, key, reason, *(() if node is None else (node,)))
         self.task_name = task_name
         self.key = key
         self.reason = reason
+        self.node = node
 
     def __str__(self) -> str:
-        return f"{self.task_name}: the lock store did not answer for lock {self.key}: {self.reason}"
+        task = f"{self.task_name}: " if self.task_name else ""
+        node = f" (node {self.node})" if self.node else ""
+        return f"{task}the lock store did not answer for lock {self.key}{node}: {self.reason}"

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 
-from celery_unique import UniqueLocks
-from celery_unique.config import app_state
+from celery_unique import LockStoreError, UniqueLocks, UniqueTask
+from celery_unique.cli import _plural
+from celery_unique.config import describe_store
 from celery_unique.testing import RedisServer, clear_locks
+from tests.cluster_support import LocalCluster
+from tests.conftest import wait_until
 
 pytest_plugins = ["celery_unique.testing"]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -26,6 +36,37 @@ def held(tasks: SimpleNamespace) -> SimpleNamespace:
         b=tasks.send_report.apply_async((2,), unique=120, queue="reports"),
         c=tasks.slow.apply_async((3,), unique=60, queue="odd: queue ü"),
     )
+
+
+@pytest.fixture
+def stopped_server() -> RedisServer:
+    """A redis-server that was started and then stopped: its port refuses connections."""
+    server = RedisServer().start()
+    server.close()
+    return server
+
+
+@pytest.fixture
+def offline_app(stopped_server: RedisServer) -> Celery:
+    """An app whose lock store is the stopped server."""
+    app = Celery("offline", set_as_current=False)
+    app.conf.update(
+        unique_redis_url=stopped_server.url(2), unique_redis_socket_timeout=1,
+        broker_url=stopped_server.url(0),
+    )
+    app.task(base=UniqueTask, name="tests.send_report", shared=False)(_report)
+    return app
+
+
+def _report(user_id: int) -> int:
+    return user_id
+
+
+def _nothing() -> None:
+    pass
+
+
+# -- UniqueLocks ---------------------------------------------------------------
 
 
 def test_list_reports_every_lock(celery_app: Celery, held: SimpleNamespace) -> None:
@@ -47,6 +88,7 @@ def test_list_filters(celery_app: Celery, held: SimpleNamespace) -> None:
     assert [lk.task_id for lk in admin.list(queue="odd: queue ü")] == [held.c.id]
     assert admin.list(task_name="tests.send_report", queue="odd: queue ü") == []
     assert admin.list(task_name="tests.*") == []
+    assert admin.count(task_name="tests.send_report") == 2
 
 
 def test_release_and_clear(celery_app: Celery, held: SimpleNamespace, locks: redis.Redis) -> None:
@@ -60,6 +102,34 @@ def test_release_and_clear(celery_app: Celery, held: SimpleNamespace, locks: red
     assert locks.dbsize() == 0
 
 
+def test_batches_cover_every_lock(
+    celery_app: Celery, tasks: SimpleNamespace, locks: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With batches much smaller than the number of locks, list, count and clear see every lock."""
+    monkeypatch.setattr(UniqueLocks, "BATCH", 7)
+    ids = {tasks.send_report.apply_async((i,), unique=60).id for i in range(55)}
+    admin = UniqueLocks(celery_app)
+    assert {lock.task_id for lock in admin.list()} == ids
+    assert admin.count() == 55
+    assert admin.clear() == 55
+    assert locks.dbsize() == 0
+
+
+def test_iter_locks_reads_batch_by_batch(
+    celery_app: Celery, tasks: SimpleNamespace, locks: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """iter_locks() reads one batch at a time: locks released after the first batch are not yielded."""
+    monkeypatch.setattr(UniqueLocks, "BATCH", 5)
+    for i in range(60):
+        tasks.send_report.apply_async((i,), unique=60)
+    locks_iter = UniqueLocks(celery_app).iter_locks()
+    first = next(locks_iter)
+    locks.flushdb()  # every lock released while the caller looks at the first one
+    rest = list(locks_iter)
+    assert first.task_name == "tests.send_report"
+    assert len(rest) < 59
+
+
 def test_is_locked(celery_app: Celery, tasks: SimpleNamespace, held: SimpleNamespace) -> None:
     """is_locked() names the holder of a call, or None."""
     admin = UniqueLocks(celery_app)
@@ -68,31 +138,130 @@ def test_is_locked(celery_app: Celery, tasks: SimpleNamespace, held: SimpleNames
     assert admin.is_locked(tasks.send_report, (2,)) is None
 
 
+def _hand_over_after_read(monkeypatch: pytest.MonkeyPatch, locks: redis.Redis, key: str) -> None:
+    """Make ``key`` change hands just after the admin reads its holder, as a racing enqueue would."""
+    read = UniqueLocks._holders
+
+    def read_then_hand_over(self: UniqueLocks, *args: Any) -> Any:
+        holders = read(self, *args)
+        if key in holders:
+            locks.set(key, "newcomer", px=60_000)
+        return holders
+
+    monkeypatch.setattr(UniqueLocks, "_holders", read_then_hand_over)
+
+
 def test_release_spares_a_lock_that_changed_hands(
     celery_app: Celery, tasks: SimpleNamespace, locks: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """release(key) is owner-checked: if the lock changes hands after it was read, it stays."""
     tasks.send_report.apply_async((1,), unique=60)
     (key,) = (k.decode() for k in locks.keys("*"))
-    store = app_state(celery_app).store
-    read = store.holder
-
-    def read_then_hand_over(k: str) -> str | None:
-        holder = read(k)
-        locks.set(k, "newcomer", px=60_000)  # another task takes the lock meanwhile
-        return holder
-
-    monkeypatch.setattr(store, "holder", read_then_hand_over)
+    _hand_over_after_read(monkeypatch, locks, key)
     assert UniqueLocks(celery_app).release(key) is False
     assert locks.get(key) == b"newcomer"
 
 
+def test_clear_spares_a_lock_that_changed_hands(
+    celery_app: Celery, held: SimpleNamespace, locks: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """clear() is owner-checked: a lock that changes hands between reading and deleting stays."""
+    key = UniqueLocks(celery_app).list(queue="reports")[0].key
+    _hand_over_after_read(monkeypatch, locks, key)
+    assert UniqueLocks(celery_app).clear() == 2
+    assert [k.decode() for k in locks.keys("*")] == [key]
+    assert locks.get(key) == b"newcomer"
+
+
 def test_list_skips_other_keys(celery_app: Celery, held: SimpleNamespace, locks: redis.Redis) -> None:
-    """Keys outside the prefix are neither listed nor cleared."""
-    locks.set("other:thing", "x")
-    assert len(UniqueLocks(celery_app).list()) == 3
-    assert UniqueLocks(celery_app).clear() == 3
-    assert locks.get("other:thing") == b"x"
+    """Keys outside the prefix or the key layout are neither listed nor cleared."""
+    others = {
+        "other:thing": "x",
+        "unique:eu:celery:tests.send_report:abc": "x",  # an app with prefix "unique:eu"
+        "unique:celery:tests*any:abc": "x",  # not escaped as format_key escapes
+        "unique:celery:tests%41:abc": "x",  # escaped where format_key does not escape
+        "unique:celery:tests.send_report:": "x",  # no digest
+    }
+    for key, value in others.items():
+        locks.set(key, value, px=60_000)
+    locks.rpush("unique:celery:tests.send_report:a-list", "x")
+    locks.pexpire("unique:celery:tests.send_report:a-list", 60_000)
+    admin = UniqueLocks(celery_app)
+    assert len(admin.list()) == 3
+    assert admin.count() == 3
+    assert admin.clear() == 3
+    assert locks.dbsize() == len(others) + 1
+
+
+def test_holder_that_is_not_utf8(celery_app: Celery, locks: redis.Redis) -> None:
+    """A lock whose value is not UTF-8 (not written by a task) is listed escaped, and cleared."""
+    key = "unique:celery:tests.send_report:abc"
+    locks.set(key, b"\xff\xfe", px=60_000)
+    admin = UniqueLocks(celery_app)
+    assert [lock.task_id for lock in admin.list()] == ["\\xff\\xfe"]
+    assert admin.clear() == 1
+    assert locks.dbsize() == 0
+
+
+def test_release_refuses_keys_that_are_not_locks(
+    redis_server: RedisServer, broker: redis.Redis
+) -> None:
+    """release() of a key that is not a lock of the app is a ValueError naming it, and deletes nothing."""
+    # Locks in the broker's own database, as when unique_redis_url is not set.
+    app = Celery("shared", broker=redis_server.url(0), set_as_current=False)
+    app.conf.broker_connection_retry_on_startup = False
+    task = app.task(name="tests.plain", shared=False)(_nothing)
+    task.delay()  # the broker's own keys: the queue list and kombu's binding set
+    broker.set("unique:celery:tests.plain", "x")  # the right prefix, but a part short
+    broker.set("other:celery:tests.plain:abc", "x")  # another app's prefix
+    before = sorted(broker.keys("*"))
+    assert b"celery" in before
+    admin = UniqueLocks(app)
+    for key in [k.decode() for k in before]:
+        with pytest.raises(ValueError, match="is not a lock key of this app") as info:
+            admin.release(key)
+        assert repr(key) in str(info.value)
+    assert sorted(broker.keys("*")) == before
+
+
+def test_release_of_a_lock_shaped_key_of_another_type(celery_app: Celery, locks: redis.Redis) -> None:
+    """A key laid out like a lock but holding a list is not released, and raises no WRONGTYPE."""
+    key = "unique:celery:tests.send_report:a-list"
+    locks.rpush(key, "x")
+    locks.pexpire(key, 60_000)
+    assert UniqueLocks(celery_app).release(key) is False
+    assert locks.type(key) == b"list"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda admin, task: admin.list(), id="list"),
+        pytest.param(lambda admin, task: list(admin.iter_locks()), id="iter_locks"),
+        pytest.param(lambda admin, task: admin.count(), id="count"),
+        pytest.param(lambda admin, task: admin.clear(task_name="tests.send_report"), id="clear"),
+        pytest.param(lambda admin, task: admin.release("unique:celery:tests.send_report:abc"), id="release"),
+        pytest.param(lambda admin, task: admin.is_locked(task, (1,)), id="is_locked"),
+    ],
+)
+def test_every_admin_call_raises_lock_store_error(offline_app: Celery, call: Any) -> None:
+    """With the lock store stopped, each public admin call raises LockStoreError, the Redis error as cause."""
+    admin = UniqueLocks(offline_app)
+    with pytest.raises(LockStoreError, match="did not answer") as info:
+        call(admin, offline_app.tasks["tests.send_report"])
+    assert isinstance(info.value.__cause__, redis.ConnectionError)
+    assert "unique:" in info.value.key
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert str(copy) == str(info.value)
+
+
+def test_lock_store_error_with_a_node_pickles() -> None:
+    """A LockStoreError naming a node keeps it through pickling; one without keeps its three args."""
+    error = LockStoreError("", "unique:*:*:*", "ConnectionError: refused", node="10.0.0.3:7002")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.node, copy.key, str(copy)) == ("10.0.0.3:7002", error.key, str(error))
+    assert "node 10.0.0.3:7002" in str(copy)
+    assert LockStoreError("t", "k", "r").args == ("t", "k", "r")
 
 
 def test_clear_locks_fixture(
@@ -106,45 +275,219 @@ def test_clear_locks_fixture(
     assert clear_locks(request.getfixturevalue("celery_app")) == 1
 
 
-def celery_cli(server: RedisServer, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+# -- Redis Cluster with a primary down ----------------------------------------
+
+
+@pytest.fixture
+def wounded_cluster(redis_server: RedisServer) -> Iterator[SimpleNamespace]:
+    """A fresh 3-primary cluster holding 30 locks, with an app on it; the test stops a node."""
+    with LocalCluster() as cluster:
+        app = Celery("wounded", set_as_current=False)
+        app.conf.update(
+            broker_url=redis_server.url(0), broker_connection_retry_on_startup=False,
+            unique_redis_url=cluster.url, unique_redis_cluster=True, unique_redis_socket_timeout=1,
+        )
+        task = app.task(base=UniqueTask, name="tests.cluster_report", shared=False)(_report)
+        for i in range(30):
+            task.apply_async((i,), unique=60)
+        yield SimpleNamespace(cluster=cluster, app=app, task=task)
+
+
+def test_cluster_with_a_primary_down(wounded_cluster: SimpleNamespace) -> None:
+    """With a primary down, list and clear raise LockStoreError naming it, before and after the
+    cluster notices; clear releases nothing on the primaries still up."""
+    cluster: LocalCluster = wounded_cluster.cluster
+    admin = UniqueLocks(wounded_cluster.app)
+    assert admin.count() == 30
+    down, *up = cluster.nodes[::-1]
+    held_up = [node.client().dbsize() for node in up]
+    down.stop()
+
+    def check() -> None:
+        for call in (admin.list, admin.count, admin.clear, lambda: list(admin.iter_locks())):
+            with pytest.raises(LockStoreError) as info:
+                call()
+            assert info.value.node == f"127.0.0.1:{down.port}", info.value
+            assert f"node 127.0.0.1:{down.port}" in str(info.value)
+        assert [node.client().dbsize() for node in up] == held_up
+
+    check()  # the other primaries still serve their slots
+    wait_until(
+        lambda: up[0].client().cluster("INFO")["cluster_state"] == "fail",
+        timeout=20, what="the cluster to mark the primary down",
+    )
+    check()  # every primary now answers CLUSTERDOWN to key commands
+
+
+# -- the command line ------------------------------------------------------------
+
+
+def celery_cli(
+    server: RedisServer,
+    *args: str,
+    stdin: str | None = None,
+    lock_url: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "CLI_BROKER_URL": server.url(0),
-        "CLI_LOCK_URL": server.url(2),
+        "CLI_LOCK_URL": lock_url or server.url(2),
+        "CLI_SETTINGS": json.dumps(settings or {}),
     }
     return subprocess.run(
         [sys.executable, "-m", "celery", "-A", "tests.cli_app", "unique", *args],
-        env=env, input=stdin, capture_output=True, text=True, timeout=60, check=False,
+        env=env, input=stdin, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
     )
 
 
 def test_cli_list_release_clear(redis_server: RedisServer, held: SimpleNamespace, locks: redis.Redis) -> None:
-    """`celery -A app unique list|release|clear` work in a real subprocess."""
+    """`celery -A app unique list|release|clear` work in a real subprocess, with plurals."""
     listing = celery_cli(redis_server, "list")
     assert listing.returncode == 0, listing.stderr
-    assert "TASK" in listing.stdout
+    assert listing.stdout.splitlines()[0] == f"Lock store: {redis_server.url(2)} (unique_redis_url)"
+    assert listing.stdout.splitlines()[1].split() == ["TASK", "QUEUE", "HOLDER", "TTL", "KEY"]
     assert held.a.id in listing.stdout
     assert "3 locks held." in listing.stdout
 
     only = celery_cli(redis_server, "list", "--queue", "reports")
     assert held.b.id in only.stdout
     assert held.a.id not in only.stdout
+    assert "1 lock held (queue reports)." in only.stdout
 
     key = locks.keys("*:reports:*")[0].decode()
     released = celery_cli(redis_server, "release", key)
     assert released.returncode == 0
     assert f"Released {key}" in released.stdout
     again = celery_cli(redis_server, "release", key)
-    assert again.returncode != 0
-    assert "No lock held" in again.stderr
+    assert again.returncode == 1
+    assert f"Error: No lock held at {key} in {redis_server.url(2)} (unique_redis_url)." in again.stderr
 
     declined = celery_cli(redis_server, "clear", stdin="n\n")
     assert declined.returncode != 0
+    assert "Release 2 locks?" in declined.stdout
     assert locks.dbsize() == 2
     cleared = celery_cli(redis_server, "clear", "--task", "tests.slow", "--yes")
-    assert "Released 1 locks." in cleared.stdout
+    assert "Released 1 lock (task tests.slow)." in cleared.stdout
     assert locks.dbsize() == 1
     confirmed = celery_cli(redis_server, "clear", stdin="y\n")
     assert confirmed.returncode == 0
+    assert "Release 1 lock?" in confirmed.stdout
+    assert "Released 1 lock." in confirmed.stdout
     assert locks.dbsize() == 0
     assert "No locks held." in celery_cli(redis_server, "list").stdout
+
+
+def test_cli_release_refuses_a_key_that_is_not_a_lock(redis_server: RedisServer, broker: redis.Redis) -> None:
+    """`unique release` of a broker key exits 2 naming the key, and leaves the key alone."""
+    broker.rpush("celery", "a message")
+    result = celery_cli(redis_server, "release", "celery", lock_url=redis_server.url(0))
+    assert result.returncode == 2
+    assert "'celery' is not a lock key of this app" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert broker.llen("celery") == 1
+
+
+@pytest.mark.parametrize(
+    "args", [("list",), ("clear", "--yes"), ("clear",), ("release", "unique:celery:tests.send_report:abc")]
+)
+def test_cli_lock_store_down_is_one_line(
+    redis_server: RedisServer, stopped_server: RedisServer, args: tuple[str, ...]
+) -> None:
+    """With the lock store stopped, each subcommand prints one `Error:` line and exits 1."""
+    result = celery_cli(redis_server, *args, lock_url=stopped_server.url(2))
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("Error: the lock store did not answer"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"unique_redis_socket_timeout": "fast"}, "Error: unique_redis_socket_timeout must be"),
+        ({"unique_redis_url": "http://127.0.0.1/2"}, "Error: unique_redis_url is not a Redis URL"),
+        ({"unique_redis_url": None, "broker_url": "amqp://127.0.0.1//"}, "Error: celery_unique needs a"),
+    ],
+)
+def test_cli_bad_setting_is_one_line(
+    redis_server: RedisServer, settings: dict[str, Any], message: str
+) -> None:
+    """A bad setting prints one `Error:` line naming it and exits 1."""
+    result = celery_cli(redis_server, "list", settings=settings)
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cli_names_the_store_without_its_password(redis_server: RedisServer) -> None:
+    """list and clear name the lock store they read, the password hidden."""
+    with RedisServer() as guarded:
+        guarded.client().config_set("requirepass", "s3cret")
+        url = f"redis://:s3cret@127.0.0.1:{guarded.port}/2"
+        for args in (("list",), ("clear", "--yes")):
+            result = celery_cli(redis_server, *args, lock_url=url)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.splitlines() == [
+                f"Lock store: redis://:***@127.0.0.1:{guarded.port}/2 (unique_redis_url)",
+                "No locks held.",
+            ]
+
+
+def test_cli_store_line_hides_the_password_and_names_the_broker_fallback() -> None:
+    """The CLI's store line is describe_store's: password hidden, the broker fallback named."""
+    app = Celery("fallback", broker="redis://:pw@127.0.0.1:1/0", set_as_current=False)
+    assert describe_store(app) == "redis://:***@127.0.0.1:1/0 (from broker_url)"
+
+
+def test_plural() -> None:
+    """Counts are spelt with the right plural."""
+    assert [_plural(n, "lock") for n in (0, 1, 2)] == ["0 locks", "1 lock", "2 locks"]
+
+
+def test_cli_task_short_names(
+    redis_server: RedisServer, held: SimpleNamespace, tasks: SimpleNamespace
+) -> None:
+    """--task takes an unambiguous short name, and lists the candidates when it is ambiguous or unknown."""
+    short = celery_cli(redis_server, "list", "--task", "slow")
+    assert short.returncode == 0, short.stderr
+    assert held.c.id in short.stdout
+    assert "1 lock held (task tests.slow)." in short.stdout
+
+    ambiguous = celery_cli(redis_server, "list", "--task", "send_report")
+    assert ambiguous.returncode == 2
+    assert "could be any of reports.daily.send_report, tests.send_report" in ambiguous.stderr
+
+    dotted = celery_cli(redis_server, "list", "--task", "daily.send_report")
+    assert dotted.returncode == 0, dotted.stderr
+    assert "No locks held (task reports.daily.send_report)." in dotted.stdout
+
+    typo = celery_cli(redis_server, "clear", "--task", "send_reprot", "--yes")
+    assert typo.returncode == 2
+    assert "did you mean reports.daily.send_report or tests.send_report?" in typo.stderr
+    assert "Traceback" not in typo.stderr
+
+    # A task the CLI's app does not register, with locks held under its full name.
+    failing = tasks.fail.apply_async((1,), unique=60)
+    unregistered = celery_cli(redis_server, "clear", "--task", "tests.fail", "--yes")
+    assert unregistered.returncode == 0, unregistered.stderr
+    assert "Released 1 lock (task tests.fail)." in unregistered.stdout
+    assert failing.id not in celery_cli(redis_server, "list").stdout
+
+
+# -- the benchmark ---------------------------------------------------------------
+
+
+def test_admin_benchmark_quick_run(redis_server: RedisServer) -> None:
+    """`python -m benchmarks.admin --quick` exits 0, prints each figure, and leaves no key behind."""
+    client = redis_server.client(5)
+    client.flushdb()
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.admin", "--quick"],
+        cwd=ROOT, env={**os.environ, "REDIS_URL": redis_server.url(5)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = ("UniqueLocks.list", "UniqueLocks.clear", "celery unique list", "celery unique clear --yes")
+    for figure in figures:
+        assert f"{figure}:" in result.stdout, result.stdout
+    assert client.dbsize() == 0
