@@ -22,12 +22,15 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
+from celery.backends.base import DisabledBackend
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from .config import app_state
-from .errors import LockStoreError
+from .errors import ConfigurationError, LockStoreError
+from .holders import take_over_if_finished
 from .keys import escape, unescape
+from .purge import PurgeResult, purge_queues, queue_names
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -172,6 +175,42 @@ return released
             raise self._error(exc, task_name, pattern, done) from exc
         return released
 
+    def reap(self, task_name: str | None = None, queue: str | None = None) -> int:
+        """Release the locks whose holders have finished; return how many were released.
+
+        A holder has finished when the result backend says so for its task's
+        ``unique_until`` (SUCCESS or REVOKED; FAILURE too under "finish" or
+        "start") and no copy of it runs (see :mod:`celery_unique.holders`):
+        its release was missed, e.g. it ran on a worker that does not import
+        celery_unique. Each release is atomic and owner-checked. Needs a
+        result backend.
+        """
+        backend = self.app.backend
+        if isinstance(backend, DisabledBackend):
+            raise ConfigurationError(
+                "reap needs a result backend to tell finished tasks from queued ones: set result_backend"
+            )
+        pattern = self._pattern(task_name, queue)
+        store = self._state.store
+        reaped = 0
+        with self._errors(task_name, pattern):
+            for lock in self.iter_locks(task_name, queue):
+                until = self._until(lock.task_name)
+                if take_over_if_finished(store, backend, lock.key, lock.task_id, "", 0, until) is None:
+                    reaped += 1
+        return reaped
+
+    def purge(self, queues: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> PurgeResult:
+        """Remove the queued messages, as ``celery purge`` does, and release exactly their locks.
+
+        ``queues`` defaults to every task queue the app knows. Messages a worker
+        has received (running, reserved, or waiting for an eta) are not in the
+        queues, so their locks stay (see :mod:`celery_unique.purge`).
+        """
+        names = queue_names(self.app, queues, exclude)
+        with self._errors(None, ", ".join(names)):
+            return purge_queues(self.app, self._state.store, names)
+
     def is_locked(
         self,
         task: UniqueTask,
@@ -188,6 +227,11 @@ return released
         return _text(holders[key][0]) if holders else None
 
     # -- keys ---------------------------------------------------------------
+
+    def _until(self, task_name: str) -> str:
+        """The ``unique_until`` a lock of ``task_name`` follows: the task's, else the app's."""
+        task = self.app.tasks.get(task_name)
+        return getattr(task, "unique_until", None) or self._state.config.until
 
     def _pattern(self, task_name: str | None, queue: str | None) -> str:
         prefix = _GLOB.sub(r"\\\1", self._prefix)

@@ -1,4 +1,4 @@
-"""``celery -A proj unique list|release KEY|clear``: the lock admin on the command line.
+"""``celery -A proj unique list|release KEY|clear|reap|purge``: the lock admin on the command line.
 
 Registered as a Celery subcommand through the ``celery.commands`` entry point.
 What the subcommands share lives here once:
@@ -187,3 +187,57 @@ def clear_locks(ctx: click.Context, task_name: str | None, queue: str | None, ye
         click.echo(f"No locks held{_scope(task_name, queue)}.")
     else:
         click.echo(f"Released {_plural(released, 'lock')}{_scope(task_name, queue)}.")
+
+
+@unique.command(name="reap")
+@_filter_options
+@click.pass_context
+def reap_locks(ctx: click.Context, task_name: str | None, queue: str | None) -> None:
+    """Release the locks of tasks that have finished (per the result backend) but kept them."""
+    _say_store(ctx)
+    reaped = _admin(ctx).reap(task_name=task_name, queue=queue)
+    if reaped == 0:
+        click.echo(f"No lock of a finished task{_scope(task_name, queue)}.")
+    else:
+        click.echo(f"Released {_plural(reaped, 'lock')} of finished tasks{_scope(task_name, queue)}.")
+
+
+@unique.command(name="purge")
+@click.option("-Q", "--queues", default=None, metavar="QUEUES",
+              help="Comma separated list of queue names to purge (default: every task queue).")
+@click.option("-X", "--exclude-queues", default=None, metavar="QUEUES",
+              help="Comma separated list of queue names not to purge.")
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def purge_queued(
+    ctx: click.Context, queues: str | None, exclude_queues: str | None, force: bool
+) -> None:
+    """Remove the queued messages, as `celery purge` does, and release exactly their locks."""
+    from kombu.exceptions import OperationalError
+
+    from .purge import queue_names
+
+    app = ctx.obj.app
+    names = queue_names(app, _split(queues), _split(exclude_queues) or ())
+    if not names:
+        click.echo("No queue to purge.")
+        return
+    _say_store(ctx)
+    if not force:
+        click.confirm(
+            f"Delete every message of {_plural(len(names), 'queue')} ({', '.join(names)}) "
+            "and release their locks?",
+            abort=True,
+        )
+    try:
+        result = _admin(ctx).purge(names)
+    except OperationalError as exc:
+        raise click.ClickException(f"the broker did not answer: {exc}") from exc
+    click.echo(
+        f"Purged {_plural(result.messages, 'message')} from {_plural(len(names), 'queue')}; "
+        f"released {_plural(result.released, 'lock')}."
+    )
+
+
+def _split(names: str | None) -> list[str] | None:
+    return [name.strip() for name in names.split(",") if name.strip()] if names else None
