@@ -24,14 +24,14 @@ slot, so each is valid on a Redis Cluster.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
 from redis.exceptions import NoScriptError
 from redis.sentinel import SentinelConnectionPool
-
-from .compat import get_connection
 
 __all__ = ["AcquireError", "LockStore", "attempt_of", "running_marker_key"]
 
@@ -228,11 +228,12 @@ return false
         self._end = client.register_script(self.END_SCRIPT)
         self._heartbeat = client.register_script(self.HEARTBEAT_SCRIPT)
         self._take_over = client.register_script(self.TAKE_OVER_SCRIPT)
-        # One server behind a plain pool: the acquire checks out a connection
-        # itself, so it knows whether its command could have reached the
-        # server. Sentinel and Cluster clients take the generic path.
+        # One server behind a plain pool: the acquire has connections of its
+        # own. Sentinel and Cluster clients take redis-py's generic path.
         pool = getattr(client, "connection_pool", None)
-        self._pool = None if isinstance(pool, SentinelConnectionPool) else pool
+        plain = pool is not None and not isinstance(pool, SentinelConnectionPool)
+        self._own = _OwnConnections(pool) if plain else None
+        self._acquire_heads = {keys: _head(self._acquire.sha, keys, 2) for keys in (1, 2)}
 
     def acquire(self, key: str, task_id: str, ttl_ms: int, marker: str | None = None) -> str | None:
         """Take the lock for ``task_id``; return None if taken, else the holder.
@@ -242,7 +243,7 @@ return false
         :class:`AcquireError` if Redis fails.
         """
         keys = (key,) if marker is None else (key, marker)
-        if self._pool is None:
+        if self._own is None:
             try:
                 holder = self.client.execute_command(  # type: ignore[no-untyped-call]
                     "EVALSHA", self._acquire.sha, len(keys), *keys, task_id, ttl_ms
@@ -255,7 +256,10 @@ return false
             except redis.RedisError as exc:
                 raise AcquireError(exc, maybe_applied=True) from exc
             return _text(holder)
-        return _text(_evalsha_on_own_connection(self._pool, self._acquire, keys, (task_id, ttl_ms)))
+        parts = (*(k.encode() for k in keys), task_id.encode(), b"%d" % ttl_ms)
+        return _text(
+            _evalsha_on_own_connection(self._own, self._acquire, self._acquire_heads[len(keys)], parts)
+        )
 
 
     def release(self, key: str, task_id: str) -> bool:
@@ -321,32 +325,71 @@ return false
             yield key.decode() if isinstance(key, bytes) else str(key)
 
 
+class _OwnConnections:
+    """The acquire's own connection, one per thread (and per process after a fork).
+
+    The enqueue path's one round trip writes a pre-packed ``EVALSHA`` and
+    reads the reply on a connection nothing else uses, so it needs neither
+    the pool's checkout (which polls the socket) nor its bookkeeping, and it
+    knows whether a failed command could have reached the server. The
+    connection is built from the pool's own class and settings (TLS, unix
+    socket, ACL user, database, timeouts), but lives outside the pool's
+    ``max_connections``: each thread that enqueues holds one more. It closes
+    with its thread.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._local = threading.local()
+
+    def get(self) -> Any:
+        local = self._local
+        connection = getattr(local, "connection", None)
+        if connection is None or local.pid != os.getpid():
+            # A forked child never writes on its parent's socket.
+            connection = self._pool.connection_class(**self._pool.connection_kwargs)
+            local.connection, local.pid = connection, os.getpid()
+        return connection
+
+
+def _packed(head: bytes, *parts: bytes) -> bytes:
+    # RESP bulk strings after a pre-packed head: the command, its script's
+    # sha and its key count never change.
+    return head + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+
+
+def _head(sha: str, keys: int, args: int) -> bytes:
+    return b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$%d\r\n%d\r\n" % (
+        3 + keys + args, len(sha), sha.encode(), len(str(keys)), keys
+    )
+
+
 def _evalsha_on_own_connection(
-    pool: Any, script: Any, keys: tuple[str, ...], args: tuple[Any, ...]
+    connections: _OwnConnections, script: Any, head: bytes, parts: tuple[bytes, ...]
 ) -> Any:
-    # EVALSHA on a connection checked out here: one round trip, without
-    # the Script wrapper's per-call work, and with the phase of a failure
-    # known. A connection dropped after the command was sent (a restarted
-    # server, a pooled socket closed by a proxy) is retried once on a
-    # fresh one; a timeout is not retried, and its socket is closed so a
-    # late reply can never be read by another command.
+    # A connection dropped after the command was sent (a restarted server, a
+    # socket closed by a proxy or by the server's idle timeout) is retried
+    # once on a fresh one; a timeout is not retried, and its socket is
+    # closed so that a late reply is never read as another command's.
+    connection = connections.get()
     for attempt in (1, 2):
         try:
-            connection = get_connection(pool)
+            connection.connect()  # at once if connected
         except redis.RedisError as exc:
             # Refused, unresolvable, timed out connecting or refused
-            # authentication: nothing was sent on this attempt, and a
-            # first attempt that was sent ended in a reply or a retry.
+            # authentication: nothing was sent on this attempt, and a first
+            # attempt that was sent ended in a retry.
+            connection.disconnect()
             raise AcquireError(exc, maybe_applied=attempt > 1) from exc
         try:
             try:
-                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                connection.send_packed_command([_packed(head, *parts)], check_health=False)
                 return connection.read_response()
             except NoScriptError:
                 # A restarted server or a SCRIPT FLUSH: load it, run it again.
-                connection.send_command("SCRIPT", "LOAD", script.script)
+                connection.send_command("SCRIPT", "LOAD", script.script, check_health=False)
                 connection.read_response()
-                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                connection.send_packed_command([_packed(head, *parts)], check_health=False)
                 return connection.read_response()
         except redis.ConnectionError as exc:
             connection.disconnect()
@@ -360,8 +403,6 @@ def _evalsha_on_own_connection(
             if isinstance(exc, redis.RedisError):
                 raise AcquireError(exc, maybe_applied=True) from exc
             raise
-        finally:
-            pool.release(connection)
     raise AcquireError(redis.ConnectionError("no attempt left"), maybe_applied=True)  # pragma: no cover
 
 

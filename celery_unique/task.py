@@ -17,7 +17,6 @@ from celery.app.task import Context
 from celery.backends.base import DisabledBackend
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
-from kombu.utils.uuid import uuid
 
 from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
@@ -31,6 +30,7 @@ from .execution import (
     second_copy,
 )
 from .holders import take_over_if_finished
+from .ids import new_task_id
 from .keys import call_digest, format_key
 from .lock import AcquireError, LockStore, running_marker_key
 from .options import (
@@ -302,7 +302,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             lock_ttl_ms += delay_ms(app.now(), countdown, eta)
         # The lock's value is the task id, so the id must exist before the lock.
         chosen_id = task_id
-        task_id = task_id or uuid()
+        task_id = task_id or new_task_id()
         headers = dict(options.get("headers") or ())
         headers[LOCK_HEADER] = key
         if unique.until != "success":
@@ -346,7 +346,12 @@ class UniqueTask(Task):  # type: ignore[misc]
     ) -> str:
         digest = call_digest(self, args, kwargs, unique_on, options)
         queue = self._routed_queue(args, kwargs, options, config.default_queue)
-        return format_key(config.key_prefix, queue, self.name, digest)
+        # The escaped head of the key, per prefix and queue, is worked out once.
+        heads: dict[tuple[str, str], str] = self.__dict__.setdefault("_unique_key_heads", {})
+        head = heads.get((config.key_prefix, queue))
+        if head is None:
+            head = heads[(config.key_prefix, queue)] = format_key(config.key_prefix, queue, self.name, "")
+        return head + digest
 
     def _publish(
         self,
@@ -416,6 +421,21 @@ class UniqueTask(Task):  # type: ignore[misc]
         until = requested.get("unique_until") or self.unique_until or config.until
         on_duplicate = requested.get("on_duplicate") or self.on_duplicate or config.on_duplicate
         unique_on = requested.get("unique_on", self.unique_on)
+        # Checked once per distinct combination: calls repeat a handful of them.
+        cache: dict[Any, UniqueOptions] = self.__dict__.setdefault("_unique_options", {})
+        try:
+            cache_key: Any = (ttl, type(ttl), until, on_duplicate, unique_on, type(unique_on))
+            return cache[cache_key]
+        except TypeError:  # an unhashable unique_on (a list): checked every time
+            cache_key = None
+        except KeyError:
+            pass
+        options = self._check_options(ttl, until, on_duplicate, unique_on)
+        if cache_key is not None and len(cache) < 256:
+            cache[cache_key] = options
+        return options
+
+    def _check_options(self, ttl: Any, until: Any, on_duplicate: Any, unique_on: Any) -> UniqueOptions:
         return UniqueOptions(
             ttl_ms=ttl_ms(self.name, ttl),
             unique_on=check_unique_on(self.name, unique_on),

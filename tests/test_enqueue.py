@@ -240,3 +240,16 @@ def test_retry_message_is_published_unchecked(
     assert queued(broker) == 2
     (key,) = locks.keys("*")
     assert locks.get(key) == b"newcomer"
+
+
+def test_generated_task_ids_are_uuid4_strings() -> None:
+    """Ids made before locking are distinct version-4 UUIDs in Celery's spelling."""
+    import uuid
+
+    from celery_unique.ids import new_task_id
+
+    ids = [new_task_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
