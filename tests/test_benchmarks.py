@@ -78,3 +78,21 @@ def test_leaves_no_keys_behind(quick_run: QuickRun) -> None:
     """The run deletes its queue and locks from the database it was given."""
     assert quick_run.process.returncode == 0, quick_run.process.stderr
     assert quick_run.leftovers == []
+
+
+def test_latency_mode_reports_the_proxy_and_the_checked_duplicate(redis_server: RedisServer) -> None:
+    """``--latency-us`` puts a proxy in the way, prints its own cost, and every ratio comes out."""
+    client = redis_server.client(BENCH_DB)
+    client.flushdb()
+    env = {**os.environ, "REDIS_URL": redis_server.url(BENCH_DB)}
+    process = subprocess.run(
+        [sys.executable, "-m", "benchmarks.enqueue", "--quick", "--latency-us", "100"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert process.returncode == 0, process.stderr
+    output = process.stdout
+    assert re.search(r"^latency proxy: PING [\d.]+ us direct, [\d.]+ us through the proxy with no delay",
+                     output, re.MULTILINE), output
+    assert re.search(r"^ratio duplicate\+check: \d+\.\d\d", output, re.MULTILINE), output
+    assert re.search(r"^ratio unique: \d+\.\d\d \(target >= 0\.85", output, re.MULTILINE), output
+    assert sorted(client.scan_iter(count=1000)) == []
