@@ -9,7 +9,6 @@ keys the lock on the arguments exactly as given.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -17,12 +16,16 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.result import AsyncResult
 
+from .keys import run_signature
 from .task import UniqueTask
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ["send_unique"]
+
+#: Attribute of the Celery app that holds its stand-in task class.
+_STAND_IN_ATTR = "_celery_unique_named_task"
 
 
 def send_unique(
@@ -45,10 +48,21 @@ def send_unique(
         options["unique"] = unique
     if isinstance(registered, UniqueTask):
         return registered.apply_async(args, kwargs, **options)
-    # Celery binds tasks to apps per class, so the stand-in is a class bound
-    # to this app.
-    bound = type("NamedTask", (_NamedTask,), {"_app": app, "__bound__": True})
-    return bound(name, registered).apply_async(args, kwargs, **options)
+    return _stand_in_class(app)(name, registered).apply_async(args, kwargs, **options)
+
+
+def _stand_in_class(app: Celery) -> type[_NamedTask]:
+    """Return the stand-in task class bound to ``app``, made on first use."""
+    # Celery binds tasks to apps per class, so the stand-in needs a class of
+    # its own per app. One per call would be garbage that only the cyclic
+    # collector frees (a class refers to itself through its __mro__): about
+    # 2 KB a call, piling up between full collections in a busy producer.
+    cls: type[_NamedTask] | None = app.__dict__.get(_STAND_IN_ATTR)
+    if cls is None:
+        made = type("NamedTask", (_NamedTask,), {"_app": app, "__bound__": True})
+        # Two threads may both make one; every caller then uses the one kept.
+        cls = app.__dict__.setdefault(_STAND_IN_ATTR, made)
+    return cls
 
 
 class _NamedTask(UniqueTask):
@@ -59,7 +73,8 @@ class _NamedTask(UniqueTask):
         self._registered = registered
         if registered is not None:
             self.typing = registered.typing
-            self.__dict__["_unique_signature"] = inspect.signature(registered.run)
+            # Worked out once and kept on the registered task, not per call.
+            self.__dict__["_unique_signature"] = run_signature(registered)
         else:
             # Another service's task: its parameters are unknown here, so the
             # arguments are keyed as given.

@@ -1,0 +1,211 @@
+"""Producer memory: a unique enqueue keeps no more per call than a plain Celery one.
+
+Each path runs on an app of its own (same settings as the suite: Redis broker,
+Redis result backend, Redis locks), ``WARMUP`` calls and then two batches of
+``CALLS`` calls, under ``tracemalloc``. Each batch gives two figures per call:
+
+* ``retained``: still allocated after a full ``gc.collect()``, i.e. memory
+  that grows with every call for the life of the process;
+* ``cyclic``: freed only by the cyclic garbage collector (automatic collection
+  is off during the batch, then a young-generation collection frees it),
+  i.e. memory that piles up between the collector's full passes.
+
+Plain Celery is not free: with a Redis result backend every published task
+leaves its result channel in redis-py's ``PubSub.channels`` and
+``pending_unsubscribe_channels`` (two 86-byte keys a call, plus the tables'
+growth) until the producer reads its pubsub connection, which a producer that
+never waits on results never does. The unique paths are measured against that
+baseline, on apps that publish as many tasks, so the tables grow alike.
+Byte counts, not times: the figures do not depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import tracemalloc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_unique import DuplicateTaskError, UniqueTask, send_unique
+
+WARMUP = 50
+CALLS = 100
+#: Bytes per call a path may keep beyond its baseline: far below one retained
+#: object of the call (a task id alone is 85 bytes), above allocator noise.
+MARGIN = 16
+TTL = 600
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Bytes per call one batch left behind."""
+
+    retained: float
+    cyclic: float
+
+    def __str__(self) -> str:
+        return f"retained {self.retained:.1f} B/call, cyclic {self.cyclic:.1f} B/call"
+
+
+def report(user_id: int, period: str = "daily") -> str:
+    """The body of every task here; no worker runs it."""
+    return f"{user_id} {period}"
+
+
+def measure(call: Callable[[int], Any]) -> list[Batch]:
+    """Run ``call(i)`` ``WARMUP`` times, then two batches of ``CALLS``; return both batches."""
+    numbers = itertools.count(1)
+    for _ in range(WARMUP):
+        call(next(numbers))
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    batches = []
+    try:
+        for _ in range(2):
+            gc.collect()
+            start = tracemalloc.get_traced_memory()[0]
+            gc.disable()
+            try:
+                for _ in range(CALLS):
+                    call(next(numbers))
+                uncollected = tracemalloc.get_traced_memory()[0]
+                # Everything the batch made is in the young generation: this
+                # frees exactly the batch's garbage cycles, and no free lists.
+                gc.collect(0)
+                cycles_freed = uncollected - tracemalloc.get_traced_memory()[0]
+            finally:
+                gc.enable()
+            gc.collect()
+            retained = tracemalloc.get_traced_memory()[0] - start
+            batches.append(Batch(retained / CALLS, cycles_freed / CALLS))
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+    return batches
+
+
+# The paths: each takes an app and returns call(i), one enqueue whose
+# arguments ``i`` makes new (a refused duplicate repeats the held call).
+
+
+def plain_apply_async(app: Celery) -> Callable[[int], Any]:
+    return lambda i: app.tasks["memory.plain"].apply_async((i,))
+
+
+def unique_apply_async(app: Celery) -> Callable[[int], Any]:
+    return lambda i: app.tasks["memory.unique"].apply_async((i,), unique=TTL)
+
+
+def plain_send_task(app: Celery) -> Callable[[int], Any]:
+    return lambda i: app.send_task("elsewhere.charge", (i,))
+
+
+def send_unique_unknown(app: Celery) -> Callable[[int], Any]:
+    return lambda i: send_unique(app, "elsewhere.charge", (i,), unique=TTL)
+
+
+def send_unique_plain_task(app: Celery) -> Callable[[int], Any]:
+    return lambda i: send_unique(app, "memory.plain", (i,), unique=TTL)
+
+
+def refused_raise(app: Celery) -> Callable[[int], Any]:
+    task = app.tasks["memory.unique"]
+    task.apply_async((0,), unique=TTL)
+
+    def call(i: int) -> None:
+        try:
+            task.apply_async((0,), unique=TTL)
+        except DuplicateTaskError:
+            pass
+        else:
+            raise AssertionError("the duplicate was published")
+
+    return call
+
+
+def refused_existing(app: Celery) -> Callable[[int], Any]:
+    task = app.tasks["memory.unique"]
+    task.apply_async((0,), unique=TTL)
+    return lambda i: task.apply_async((0,), unique=TTL, on_duplicate="existing")
+
+
+def new_app(config: dict[str, Any]) -> Celery:
+    """A fresh app on the suite's Redis, with a plain and a unique ``report`` task."""
+    app = Celery("memory", set_as_current=False)
+    app.conf.update(config)
+    # shared=False: these tasks must not join every app made later.
+    app.task(name="memory.plain", shared=False)(report)
+    app.task(name="memory.unique", base=UniqueTask, shared=False)(report)
+    return app
+
+
+@pytest.fixture
+def make_app(celery_config: dict[str, Any]) -> Iterator[Callable[[], Celery]]:
+    """Makes fresh apps (see ``new_app``) and closes them after the test."""
+    apps: list[Celery] = []
+
+    def make() -> Celery:
+        apps.append(new_app(celery_config))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def plain_celery(celery_config: dict[str, Any]) -> dict[str, list[Batch]]:
+    """Plain Celery's figures, measured once for the module, each on an app of its own."""
+    figures = {}
+    for baseline in (plain_apply_async, plain_send_task):
+        app = new_app(celery_config)
+        try:
+            figures[baseline.__name__] = measure(baseline(app))
+        finally:
+            app.close()
+    return figures
+
+
+def assert_within(path: str, measured: list[Batch], baseline: list[Batch], name: str) -> None:
+    """Fail if a batch of ``path`` exceeds the same batch of ``name`` by more than ``MARGIN``."""
+    pairs = list(zip(measured, baseline, strict=True))
+    figures = "; ".join(f"batch {n}: {path} {m}, {name} {b}" for n, (m, b) in enumerate(pairs, 1))
+    print(figures)
+    for m, b in pairs:
+        assert m.retained <= b.retained + MARGIN, f"{path} keeps more than {name}: {figures}"
+        assert m.cyclic <= b.cyclic + MARGIN, f"{path} leaves more garbage cycles than {name}: {figures}"
+
+
+@pytest.mark.parametrize(
+    ("path", "baseline"),
+    [
+        (unique_apply_async, plain_apply_async),
+        (send_unique_unknown, plain_send_task),
+        (send_unique_plain_task, plain_send_task),
+    ],
+    ids=["apply_async", "send_unique-unknown-task", "send_unique-plain-task"],
+)
+def test_unique_enqueue_keeps_no_more_than_plain_celery(
+    make_app: Callable[[], Celery],
+    plain_celery: dict[str, list[Batch]],
+    path: Callable[[Celery], Callable[[int], Any]],
+    baseline: Callable[[Celery], Callable[[int], Any]],
+) -> None:
+    """A published unique enqueue keeps, and leaves to the cyclic GC, no more per call than plain Celery."""
+    unique = measure(path(make_app()))
+    assert_within(path.__name__, unique, plain_celery[baseline.__name__], baseline.__name__)
+
+
+@pytest.mark.parametrize("path", [refused_raise, refused_existing], ids=["raise", "existing"])
+def test_refused_duplicate_keeps_nothing(
+    make_app: Callable[[], Celery], path: Callable[[Celery], Callable[[int], Any]]
+) -> None:
+    """A refused duplicate publishes nothing, so it keeps (and leaves to the cyclic GC) nothing per call."""
+    nothing = [Batch(0.0, 0.0)] * 2
+    assert_within(path.__name__, measure(path(make_app())), nothing, "nothing")
