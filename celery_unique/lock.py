@@ -33,14 +33,7 @@ import redis
 from redis.exceptions import NoScriptError
 from redis.sentinel import SentinelConnectionPool
 
-__all__ = [
-    "AcquireError",
-    "LockStore",
-    "PendingAcquire",
-    "attempt_of",
-    "holder_of",
-    "running_marker_key",
-]
+__all__ = ["AcquireError", "LockStore", "attempt_of", "running_marker_key"]
 
 
 class AcquireError(Exception):
@@ -263,26 +256,10 @@ return false
             except redis.RedisError as exc:
                 raise AcquireError(exc, maybe_applied=True) from exc
             return _text(holder)
-        return _text(self._send_acquire(self._own, keys, task_id, ttl_ms).result())
-
-    def send_acquire(
-        self, key: str, task_id: str, ttl_ms: int, marker: str | None = None
-    ) -> PendingAcquire | None:
-        """Write the acquire of :meth:`acquire` and return without its reply.
-
-        None if this store has no connection of its own (Sentinel, Cluster):
-        then call :meth:`acquire`. Read the reply with
-        :meth:`PendingAcquire.result`, then :func:`holder_of` it.
-        """
-        if self._own is None:
-            return None
-        return self._send_acquire(self._own, (key,) if marker is None else (key, marker), task_id, ttl_ms)
-
-    def _send_acquire(
-        self, own: _OwnConnections, keys: tuple[str, ...], task_id: str, ttl_ms: int
-    ) -> PendingAcquire:
         parts = (*(k.encode() for k in keys), task_id.encode(), b"%d" % ttl_ms)
-        return PendingAcquire(own, self._acquire, self._acquire_heads[len(keys)], parts)
+        return _text(
+            _evalsha_on_own_connection(self._own, self._acquire, self._acquire_heads[len(keys)], parts)
+        )
 
 
     def release(self, key: str, task_id: str) -> bool:
@@ -387,30 +364,15 @@ def _head(sha: str, keys: int, args: int) -> bytes:
     )
 
 
-class PendingAcquire:
-    """An acquire written on the thread's own connection, its reply not yet read.
-
-    :meth:`LockStore.send_acquire` returns one so that the caller can do other
-    work (Celery builds the message) while the reply travels; :meth:`result`
-    reads it, and must be called exactly once, even when the caller gives up,
-    so that the connection stays in step and a lock it took is known. A
-    connection dropped after the command was sent (a restarted server, a
-    socket closed by a proxy or by the server's idle timeout) is retried once
-    on a fresh one; a timeout is not retried, and its socket is closed so
-    that a late reply is never read as another command's.
-    """
-
-    def __init__(
-        self, connections: _OwnConnections, script: Any, head: bytes, parts: tuple[bytes, ...]
-    ) -> None:
-        self._connection = connections.get()
-        self._script = script
-        self._command = [_packed(head, *parts)]
-        self._attempt = 1
-        self._send()
-
-    def _send(self) -> None:
-        connection = self._connection
+def _evalsha_on_own_connection(
+    connections: _OwnConnections, script: Any, head: bytes, parts: tuple[bytes, ...]
+) -> Any:
+    # A connection dropped after the command was sent (a restarted server, a
+    # socket closed by a proxy or by the server's idle timeout) is retried
+    # once on a fresh one; a timeout is not retried, and its socket is
+    # closed so that a late reply is never read as another command's.
+    connection = connections.get()
+    for attempt in (1, 2):
         try:
             connection.connect()  # at once if connected
         except redis.RedisError as exc:
@@ -418,39 +380,22 @@ class PendingAcquire:
             # authentication: nothing was sent on this attempt, and a first
             # attempt that was sent ended in a retry.
             connection.disconnect()
-            raise AcquireError(exc, maybe_applied=self._attempt > 1) from exc
-        try:
-            connection.send_packed_command(self._command, check_health=False)
-        except redis.ConnectionError as exc:  # a stale socket: the server never read it
-            self._retry(exc)
-        except BaseException as exc:
-            connection.disconnect()
-            if isinstance(exc, redis.RedisError):
-                raise AcquireError(exc, maybe_applied=True) from exc
-            raise
-
-    def _retry(self, exc: redis.ConnectionError) -> None:
-        self._connection.disconnect()
-        if self._attempt > 1 or isinstance(exc, redis.AuthenticationError):
-            raise AcquireError(exc, maybe_applied=True) from exc
-        self._attempt += 1
-        self._send()
-
-    def result(self) -> Any:
-        """Read the reply: the script's result, or raise :class:`AcquireError`."""
-        connection = self._connection
+            raise AcquireError(exc, maybe_applied=attempt > 1) from exc
         try:
             try:
+                connection.send_packed_command([_packed(head, *parts)], check_health=False)
                 return connection.read_response()
             except NoScriptError:
                 # A restarted server or a SCRIPT FLUSH: load it, run it again.
-                connection.send_command("SCRIPT", "LOAD", self._script.script, check_health=False)
+                connection.send_command("SCRIPT", "LOAD", script.script, check_health=False)
                 connection.read_response()
-                connection.send_packed_command(self._command, check_health=False)
+                connection.send_packed_command([_packed(head, *parts)], check_health=False)
                 return connection.read_response()
         except redis.ConnectionError as exc:
-            self._retry(exc)
-            return self.result()
+            connection.disconnect()
+            if attempt == 1 and not isinstance(exc, redis.AuthenticationError):
+                continue
+            raise AcquireError(exc, maybe_applied=True) from exc
         except redis.ResponseError as exc:
             raise AcquireError(exc, maybe_applied=True) from exc
         except BaseException as exc:
@@ -458,11 +403,7 @@ class PendingAcquire:
             if isinstance(exc, redis.RedisError):
                 raise AcquireError(exc, maybe_applied=True) from exc
             raise
-
-
-def holder_of(reply: Any) -> str | None:
-    """The holder an acquire's reply names: None if the lock was taken."""
-    return _text(reply)
+    raise AcquireError(redis.ConnectionError("no attempt left"), maybe_applied=True)  # pragma: no cover
 
 
 def _text(value: Any) -> str | None:

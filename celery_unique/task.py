@@ -9,7 +9,7 @@ import queue
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis
 from celery import Task
@@ -17,7 +17,6 @@ from celery.app.task import Context
 from celery.backends.base import DisabledBackend
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
-from celery.signals import before_task_publish
 
 from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
@@ -33,7 +32,7 @@ from .execution import (
 from .holders import take_over_if_finished
 from .ids import new_task_id
 from .keys import call_digest, format_key
-from .lock import AcquireError, LockStore, PendingAcquire, holder_of, running_marker_key
+from .lock import AcquireError, LockStore, running_marker_key
 from .options import (
     ON_DUPLICATE,
     OPTION_NAMES,
@@ -123,30 +122,21 @@ class UniqueTask(Task):  # type: ignore[misc]
         _drop_own_headers(options)
         if ttl is None:
             return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
-        call = self._prepare(args, kwargs, task_id, options, ttl, requested)
+        locked = self._lock(args, kwargs, task_id, options, ttl, requested, from_schedule, link, link_error)
+        if isinstance(locked, AsyncResult):
+            return locked
+        store, key, task_id = locked
         if self._get_app().conf.task_always_eager:
-            refused = self._settle(
-                call, self._acquire(call), args, kwargs, from_schedule, options, link, link_error
-            )
-            if refused is not None:
-                return refused
             return self._run_eagerly(
-                call.store, call.key, call.task_id, args, kwargs, producer, link, link_error, shadow, options
+                store, key, task_id, args, kwargs, producer, link, link_error, shadow, options
             )
-        # Pipelined: the lock's reply travels while Celery builds the message,
-        # and is read just before anything is published. Not when someone
-        # listens to before_task_publish: that would hear of refused calls.
-        pending = None if before_task_publish.receivers else self._send_acquire(call)
-        if pending is not None:
-            return self._publish_behind(
-                call, pending, args, kwargs, producer, link, link_error, shadow, options, from_schedule
-            )
-        refused = self._settle(
-            call, self._acquire(call), args, kwargs, from_schedule, options, link, link_error
-        )
-        if refused is not None:
-            return refused
-        return self._publish_locked(call, args, kwargs, producer, link, link_error, shadow, options)
+        try:
+            return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
+        except BaseException:
+            # No lock without a published task: whatever stopped the publish
+            # (broker down, serializer error, Ctrl-C), give the lock back.
+            _release_quietly(store, key, task_id)
+            raise
 
     def apply(
         self,
@@ -180,13 +170,12 @@ class UniqueTask(Task):  # type: ignore[misc]
         if ttl is None:
             return self._apply(args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
                                call_options["headers"], options)
-        call = self._prepare(args, kwargs, task_id, call_options, ttl, requested)
-        refused = self._settle(
-            call, self._acquire(call), args, kwargs, from_schedule, call_options, link, link_error
+        locked = self._lock(
+            args, kwargs, task_id, call_options, ttl, requested, from_schedule, link, link_error
         )
-        if refused is not None:
-            return refused
-        task_id = call.task_id
+        if isinstance(locked, AsyncResult):
+            return locked
+        _, _, task_id = locked
         return self._apply(args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
                            call_options["headers"], options)
 
@@ -290,7 +279,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             and self._get_app().current_worker_task is None
         )
 
-    def _prepare(
+    def _lock(
         self,
         args: Sequence[Any] | None,
         kwargs: Mapping[str, Any] | None,
@@ -298,8 +287,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         options: dict[str, Any],
         ttl: Any,
         requested: Mapping[str, Any],
-    ) -> _Call:
-        """Work out the call's lock (key, TTL, task id) and put its headers on ``options``."""
+        from_schedule: bool,
+        link: Any,
+        link_error: Any,
+    ) -> tuple[LockStore, str, str] | AsyncResult:
+        """Take the call's lock: ``(store, key, task id)``, or the duplicate's result."""
         app = self._get_app()
         state = app_state(app)
         unique = self._resolve_options(ttl, requested, state.config)
@@ -308,112 +300,41 @@ class UniqueTask(Task):  # type: ignore[misc]
         countdown, eta = options.get("countdown"), options.get("eta")
         if countdown or eta:
             lock_ttl_ms += delay_ms(app.now(), countdown, eta)
+        # The lock's value is the task id, so the id must exist before the lock.
+        chosen_id = task_id
+        task_id = task_id or new_task_id()
         headers = dict(options.get("headers") or ())
         headers[LOCK_HEADER] = key
         if unique.until != "success":
             headers[UNTIL_HEADER] = unique.until
         options["headers"] = headers
+
         try:
             store = state.store
         except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
             raise LockStoreError(self.name, key, f"{type(exc).__name__}: {exc}") from exc
         backend = self.backend if state.config.check_holder else None
-        if isinstance(backend, DisabledBackend):
-            backend = None
-        # The lock's value is the task id, so the id must exist before the lock.
-        new_id = task_id or new_task_id()
+        check = backend is not None and not isinstance(backend, DisabledBackend)
         # A caller-chosen id may have run before: its marker says "queued" until
         # it starts, so that a state it stored then is not taken for this run's.
-        marker = running_marker_key(key, new_id) if task_id and backend is not None else None
-        return _Call(store, key, new_id, task_id, lock_ttl_ms, unique, marker, backend)
-
-    def _settle(
-        self,
-        call: _Call,
-        holder: str | None,
-        args: Sequence[Any] | None,
-        kwargs: Mapping[str, Any] | None,
-        from_schedule: bool,
-        options: Mapping[str, Any],
-        link: Any,
-        link_error: Any,
-    ) -> AsyncResult | None:
-        """Return None if the acquire's answer gives the call its lock, else the duplicate's result."""
-        task_id = call.task_id
-        if holder == task_id and call.chosen_id is None:
+        marker = running_marker_key(key, task_id) if chosen_id and check else None
+        holder = self._acquire(store, key, task_id, lock_ttl_ms, marker)
+        if holder == task_id and chosen_id is None:
             holder = None  # our own command, applied before a dropped connection
-        if holder is not None and holder != task_id and call.backend is not None:
+        if holder is not None and holder != task_id and check:
             holder = take_over_if_finished(
-                call.store, call.backend, call.key, holder, task_id, call.ttl_ms,
-                call.unique.until, call.marker,
+                store, backend, key, holder, task_id, lock_ttl_ms, unique.until, marker
             )
         if holder is None:
-            return None
+            return store, key, task_id
         # A refused call someone may wait on: its id was chosen before the call
         # (a chain link, a group or chord member, a chord body, a frozen
         # signature), or it carries callbacks that would otherwise be dropped.
-        awaited = call.chosen_id is not None or bool(link or link_error)
+        awaited = chosen_id is not None or bool(link or link_error)
         return self._on_duplicate(
-            call.unique, holder, call.key, args, kwargs, from_schedule,
+            unique, holder, key, args, kwargs, from_schedule,
             task_id if awaited else None, options, link, link_error,
         )
-
-    def _publish_locked(
-        self,
-        call: _Call,
-        args: Sequence[Any] | None,
-        kwargs: Mapping[str, Any] | None,
-        producer: Any,
-        link: Any,
-        link_error: Any,
-        shadow: str | None,
-        options: dict[str, Any],
-    ) -> AsyncResult:
-        try:
-            return self._publish(args, kwargs, call.task_id, producer, link, link_error, shadow, options)
-        except BaseException:
-            # No lock without a published task: whatever stopped the publish
-            # (broker down, serializer error, Ctrl-C), give the lock back.
-            _release_quietly(call.store, call.key, call.task_id)
-            raise
-
-    def _publish_behind(
-        self,
-        call: _Call,
-        pending: PendingAcquire,
-        args: Sequence[Any] | None,
-        kwargs: Mapping[str, Any] | None,
-        producer: Any,
-        link: Any,
-        link_error: Any,
-        shadow: str | None,
-        options: dict[str, Any],
-        from_schedule: bool,
-    ) -> AsyncResult:
-        """Publish through a producer that reads the lock's reply first, and refuses if it is held."""
-        gate = _LockGate(pending, call)
-        try:
-            with self._get_app().producer_or_acquire(producer) as real:
-                return self._publish(
-                    args, kwargs, call.task_id, _GatedProducer(real, gate), link, link_error, shadow, options
-                )
-        except _RefusedError as refused:
-            duplicate = self._settle(
-                call, refused.holder, args, kwargs, from_schedule, options, link, link_error
-            )
-            if duplicate is not None:
-                return duplicate
-            # Taken over from a finished holder: the lock is this call's now.
-            return self._publish_locked(call, args, kwargs, producer, link, link_error, shadow, options)
-        except AcquireError as failure:
-            raise self._lock_store_error(call, failure) from failure.error
-        except BaseException:
-            # Celery failed before publishing, or the publish failed: read the
-            # reply (the connection must stay in step) and give back a lock
-            # that was taken.
-            if gate.taken():
-                _release_quietly(call.store, call.key, call.task_id)
-            raise
 
     def _lock_key(
         self,
@@ -616,103 +537,20 @@ class UniqueTask(Task):  # type: ignore[misc]
             return str(queue.name)
         return str(route.get("routing_key") or "")
 
-    def _acquire(self, call: _Call) -> str | None:
+    def _acquire(
+        self, store: LockStore, key: str, task_id: str, ttl: int, marker: str | None
+    ) -> str | None:
         try:
-            return call.store.acquire(call.key, call.task_id, call.ttl_ms, call.marker)
+            return store.acquire(key, task_id, ttl, marker)
         except AcquireError as failure:
-            raise self._lock_store_error(call, failure) from failure.error
-
-    def _send_acquire(self, call: _Call) -> PendingAcquire | None:
-        try:
-            return call.store.send_acquire(call.key, call.task_id, call.ttl_ms, call.marker)
-        except AcquireError as failure:
-            raise self._lock_store_error(call, failure) from failure.error
-
-    def _lock_store_error(self, call: _Call, failure: AcquireError) -> LockStoreError:
-        exc = failure.error
-        if failure.maybe_applied:
-            # A timed-out SET may still be applied once the server catches
-            # up; this id is never published, so an owner-checked release
-            # is always safe. It runs in the background: against a stalled
-            # server it would wait out a second timeout first.
-            _cleanup(call.store).put((call.key, call.task_id))
-        return LockStoreError(self.name, call.key, f"{type(exc).__name__}: {exc}")
-
-
-class _Call(NamedTuple):
-    """A unique call's lock, worked out before it is taken."""
-
-    store: LockStore
-    key: str
-    #: The id that takes the lock: the caller's, or one made for the call.
-    task_id: str
-    #: The id the caller chose, or None.
-    chosen_id: str | None
-    ttl_ms: int
-    unique: UniqueOptions
-    #: The running marker set to "queued" with the lock (a chosen id, the check on).
-    marker: str | None
-    #: The result backend the holder check reads, or None when it is off.
-    backend: Any
-
-
-class _RefusedError(Exception):
-    """Raised inside the publish when the lock's reply names another holder."""
-
-    def __init__(self, holder: str) -> None:
-        super().__init__(holder)
-        self.holder = holder
-
-
-class _LockGate:
-    """The pending reply of a pipelined acquire, read once, just before the publish."""
-
-    def __init__(self, pending: PendingAcquire, call: _Call) -> None:
-        self._pending: PendingAcquire | None = pending
-        self._call = call
-        self._holder: str | None = None
-
-    def open(self) -> None:
-        """Read the reply; raise ``_RefusedError`` (nothing published) unless the lock is ours."""
-        if self._read() is not None:
-            raise _RefusedError(self._holder or "")
-
-    def taken(self) -> bool:
-        """Whether this call holds the lock (reading the reply if it is still pending)."""
-        try:
-            return self._read() is None
-        except AcquireError as failure:
+            exc = failure.error
             if failure.maybe_applied:
-                _cleanup(self._call.store).put((self._call.key, self._call.task_id))
-            return False
-
-    def _read(self) -> str | None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            holder = holder_of(pending.result())
-            if holder == self._call.task_id and self._call.chosen_id is None:
-                holder = None  # our own command, applied before a dropped connection
-            self._holder = holder
-        return self._holder
-
-
-class _GatedProducer:
-    """A kombu producer that opens a lock gate before it publishes anything.
-
-    Every other attribute is the wrapped producer's: Celery's send_task uses
-    it as it would the producer itself.
-    """
-
-    def __init__(self, producer: Any, gate: _LockGate) -> None:
-        self._producer = producer
-        self._gate = gate
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._producer, name)
-
-    def publish(self, *args: Any, **kwargs: Any) -> Any:
-        self._gate.open()
-        return self._producer.publish(*args, **kwargs)
+                # A timed-out SET may still be applied once the server catches
+                # up; this id is never published, so an owner-checked release
+                # is always safe. It runs in the background: against a stalled
+                # server it would wait out a second timeout first.
+                _cleanup(store).put((key, task_id))
+            raise LockStoreError(self.name, key, f"{type(exc).__name__}: {exc}") from exc
 
 
 def _drop_own_headers(options: dict[str, Any]) -> None:
