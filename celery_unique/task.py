@@ -460,17 +460,19 @@ class UniqueTask(Task):  # type: ignore[misc]
         logger.info(
             "celery_unique: refused duplicate of %s: task %s holds lock %s", self.name, holder, key
         )
-        error = DuplicateTaskError(self.name, holder, key)
         if refused_id is not None and refused_id != holder:
             # Record the refused call as failed, as Celery records a failed
             # task, so later chain steps, the chord and the errbacks hear of
             # it now instead of waiting for ever.
+            error = DuplicateTaskError(self.name, holder, key)
             self._record_refusal(refused_id, error, args, kwargs, options, link, link_error)
         # Beat would log a duplicate as a scheduling ERROR with a traceback on
         # every tick; for a scheduler a duplicate is expected, so it is only logged.
         if unique.on_duplicate == "existing" or from_schedule:
             return self.AsyncResult(holder)
-        raise error
+        # Raised as it is made: an exception held in a local of this frame
+        # would, through its traceback, form a cycle kept until a full GC.
+        raise DuplicateTaskError(self.name, holder, key)
 
     def _record_refusal(
         self,

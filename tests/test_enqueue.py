@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
@@ -253,3 +254,38 @@ def test_generated_task_ids_are_uuid4_strings() -> None:
     for text in ids:
         parsed = uuid.UUID(text)
         assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+
+
+def test_before_task_publish_never_hears_of_a_refused_call(
+    tasks: SimpleNamespace, broker: redis.Redis
+) -> None:
+    """A before_task_publish receiver sees each published call, and never a refused duplicate."""
+    from celery.signals import before_task_publish
+
+    seen: list[str] = []
+
+    def record(headers: dict[str, Any], **_: Any) -> None:
+        seen.append(headers["id"])
+
+    before_task_publish.connect(record)
+    try:
+        first = tasks.send_report.apply_async((5,), unique=60)
+        with pytest.raises(DuplicateTaskError):
+            tasks.send_report.apply_async((5,), unique=60)
+    finally:
+        before_task_publish.disconnect(record)
+    assert seen == [first.id]
+    assert queued(broker) == 1
+
+
+def test_failure_between_lock_and_publish_leaves_no_lock(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """When the publish fails after the lock was taken (an unserializable header), no lock is left."""
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        tasks.send_report.apply_async((6,), unique=60, headers={"unserializable": object()})
+    assert locks.dbsize() == 0
+    assert queued(broker) == 0
+    # The thread's lock connection is in step: the next call works.
+    tasks.send_report.apply_async((6,), unique=60)
+    assert queued(broker) == 1
