@@ -3,7 +3,8 @@
 The broker is database 0, results database 1 and locks database 2 of one
 throwaway server. Workers are Celery's classic in-process test workers
 (``celery.contrib.testing``), or real ``celery worker`` subprocesses where a
-test needs a prefork pool.
+test needs a prefork pool. Tests that need RabbitMQ as the broker get a node
+of the suite's own through ``rabbitmq_url`` (see ``tests/rabbitmq.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,6 +23,7 @@ from celery.contrib.testing.worker import start_worker
 
 from celery_unique import UniqueTask
 from celery_unique.testing import RedisServer, wait_for
+from tests.rabbitmq import RabbitMQServer
 
 CI = bool(os.environ.get("CI"))
 BROKER_DB, RESULT_DB, LOCK_DB = 0, 1, 2
@@ -39,6 +42,51 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+_RABBITMQ = pytest.StashKey[RabbitMQServer]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Boot RabbitMQ in the background as soon as a selected test is known to need it."""
+    fixtures = [getattr(item, "fixturenames", ()) for item in items]
+    if config.option.collectonly or not any("rabbitmq_server" in names for names in fixtures):
+        return
+    # A vhost for each test, made at boot: each costs CPU there, so no more.
+    vhosts = sum("rabbitmq_url" in names for names in fixtures) + 1
+    with suppress(RuntimeError):  # the fixture says what is missing (skip, or fail in CI)
+        config.stash[_RABBITMQ] = RabbitMQServer(vhosts=vhosts).spawn()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop a RabbitMQ node booted for tests that then did not run (an interrupted session)."""
+    server = config.stash.get(_RABBITMQ, None)
+    if server is not None:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(pytestconfig: pytest.Config) -> Iterator[RabbitMQServer]:
+    """One real RabbitMQ node for the session, if a test needs it; missing, it fails in CI, skips locally."""
+    try:
+        server = pytestconfig.stash.get(_RABBITMQ, None) or RabbitMQServer().spawn()
+        pytestconfig.stash[_RABBITMQ] = server
+        server.wait_ready()
+    except RuntimeError as exc:
+        if CI:
+            raise
+        pytest.skip(f"no RabbitMQ server: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_server: RabbitMQServer) -> str:
+    """An ``amqp://`` URL on a virtual host of this test's own: no other test sees its messages."""
+    return rabbitmq_server.url(rabbitmq_server.new_vhost())
 
 
 @pytest.fixture(autouse=True)
