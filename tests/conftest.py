@@ -16,6 +16,9 @@ from contextlib import suppress
 from types import SimpleNamespace
 from typing import Any
 
+import amqp
+import celery
+import kombu
 import pytest
 import redis
 from celery import Celery
@@ -42,6 +45,14 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+def pytest_report_header() -> str:
+    """Name the versions under test: the matrix runs the suite on several."""
+    return (
+        f"celery {celery.__version__}, kombu {kombu.__version__}, "
+        f"py-amqp {amqp.__version__}, redis-py {redis.__version__}"
+    )
 
 
 _RABBITMQ = pytest.StashKey[RabbitMQServer]()
