@@ -23,6 +23,7 @@ import pytest
 import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from kombu.asynchronous import set_event_loop
 
 from celery_unique import UniqueTask
 from celery_unique.testing import RedisServer, wait_for
@@ -98,6 +99,18 @@ def rabbitmq_server(pytestconfig: pytest.Config) -> Iterator[RabbitMQServer]:
 def rabbitmq_url(rabbitmq_server: RabbitMQServer) -> str:
     """An ``amqp://`` URL on a virtual host of this test's own: no other test sees its messages."""
     return rabbitmq_server.url(rabbitmq_server.new_vhost())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_event_loop() -> Iterator[None]:
+    """Each test's in-process worker gets an event loop of its own.
+
+    Before Celery 5.6 a worker reuses kombu's process-wide event loop, and
+    with it the timer of the first worker of the process, which no longer
+    runs: a later worker never runs a countdown, eta or retry.
+    """
+    yield
+    set_event_loop(None)
 
 
 @pytest.fixture(autouse=True)
