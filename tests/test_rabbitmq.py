@@ -56,12 +56,12 @@ def test_unique_task_through_rabbitmq(
     # Then a prefork worker consuming from RabbitMQ runs it, stores the result
     # in Redis and releases the lock, after which the call is accepted again.
     with celery_worker_process(worker_env(rabbitmq_url, result_url, lock_url), tmp_path / "worker.log"):
-        assert first.get(timeout=30) == 3
+        assert first.get(timeout=60) == 3
         assert redis_server.client(RESULT_DB).exists(f"celery-task-meta-{first.id}")
         wait_until(lambda: not locks.exists(key), what="lock released after success")
         again = add.apply_async((1, 2), unique=60)
         assert again.id != first.id
-        assert again.get(timeout=30) == 3
+        assert again.get(timeout=60) == 3
         wait_until(lambda: not locks.exists(key), what="second lock released")
     assert message_count(rabbitmq_url, "celery") == 0
 
