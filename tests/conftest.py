@@ -76,6 +76,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.stash[_RABBITMQ] = RabbitMQServer(vhosts=vhosts).spawn()
 
 
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Say how long the RabbitMQ node took to boot, if the session started one."""
+    server = config.stash.get(_RABBITMQ, None)
+    if server is not None and server.boot_seconds:
+        terminalreporter.write_line(
+            f"RabbitMQ {server.version} booted in {server.boot_seconds:.1f}s "
+            "(started in the background at collection)"
+        )
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Stop a RabbitMQ node booted for tests that then did not run (an interrupted session)."""
     server = config.stash.get(_RABBITMQ, None)
