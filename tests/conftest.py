@@ -81,8 +81,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     server = config.stash.get(_RABBITMQ, None)
     if server is not None and server.boot_seconds:
         terminalreporter.write_line(
-            f"RabbitMQ {server.version} booted in {server.boot_seconds:.1f}s "
-            "(started in the background at collection)"
+            f"RabbitMQ {server.version}: booted in {server.boot_seconds:.1f}s, in the background "
+            f"from collection on; tests waited {server.waited_seconds:.1f}s for it"
         )
 
 
