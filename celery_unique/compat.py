@@ -1,31 +1,25 @@
-"""Where supported versions of redis-py and Celery differ, in one place."""
+"""Where the supported releases of Celery (5.3 and later) differ, in one place.
+
+Every behaviour of celery-unique that depends on the Celery version is
+decided here, so a reader finds the differences in one place.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import redis
+from celery import VERSION
 
-__all__ = ["get_connection", "waiting_requests"]
+__all__ = ["BEAT_HEADER", "BEAT_MARKS_ITS_TASKS", "waiting_requests"]
 
+#: The message header Celery beat puts on the tasks it sends.
+BEAT_HEADER = "celery_beat_task"
 
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
-# redis-py before 5.3 requires a command name; later versions deprecate it.
-_POOL_WANTS_COMMAND_NAME = _version(redis.__version__) < (5, 3)
-
-
-def get_connection(pool: Any) -> Any:
-    """Check out a connected connection from a redis-py connection pool."""
-    if _POOL_WANTS_COMMAND_NAME:
-        return pool.get_connection("EVALSHA")
-    return pool.get_connection()
+#: Whether this Celery's beat sets :data:`BEAT_HEADER` itself (5.7 and later).
+#: Beat is recognised on every version by its own thread (``beat_init``); the
+#: header also lets a call made outside beat's thread, e.g. by a test driving
+#: ``Scheduler.apply_async`` itself, be treated as beat's.
+BEAT_MARKS_ITS_TASKS: bool = (VERSION.major, VERSION.minor) >= (5, 7)
 
 
 def waiting_requests(consumer: Any) -> list[Any]:

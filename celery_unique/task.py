@@ -18,6 +18,7 @@ from celery.backends.base import DisabledBackend
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
 
+from .compat import BEAT_HEADER
 from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
 from .execution import (
@@ -56,7 +57,7 @@ _UNSET: Any = object()
 _OWN_HEADERS = (LOCK_HEADER, UNTIL_HEADER, REPLACES_HEADER)
 # Headers that schedulers put on the tasks they send: Celery beat (5.4+) and
 # django-celery-beat (its scheduler and its admin's "Run selected tasks").
-_SCHEDULE_HEADERS = ("celery_beat_task", "periodic_task_name")
+_SCHEDULE_HEADERS = (BEAT_HEADER, "periodic_task_name")
 # Set while UniqueTask.apply_async runs a task eagerly (task_always_eager):
 # the task id it locked, so that apply() does not lock it again, and whether
 # the task's run began (then the run's outcome decided the lock's fate).

@@ -3,7 +3,8 @@
 The broker is database 0, results database 1 and locks database 2 of one
 throwaway server. Workers are Celery's classic in-process test workers
 (``celery.contrib.testing``), or real ``celery worker`` subprocesses where a
-test needs a prefork pool.
+test needs a prefork pool. Tests that need RabbitMQ as the broker get a node
+of the suite's own through ``rabbitmq_url`` (see ``tests/rabbitmq.py``).
 """
 
 from __future__ import annotations
@@ -12,16 +13,22 @@ import gc
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from types import SimpleNamespace
 from typing import Any
 
+import amqp
+import celery
+import kombu
 import pytest
 import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from kombu.asynchronous import set_event_loop
 
 from celery_unique import UniqueTask
 from celery_unique.testing import LockDatabase, RedisServer, wait_for
+from tests.rabbitmq import RabbitMQServer
 
 CI = bool(os.environ.get("CI"))
 # The Django project runs its own suite in a subprocess with its own settings
@@ -42,7 +49,86 @@ def redis_server() -> Iterator[RedisServer]:
     try:
         yield server
     finally:
+        # AsyncResults left in reference cycles unsubscribe from the result
+        # backend when collected; collected after the server stops, they retry
+        # for seconds (about 20 on Celery 5.3) at the end of the session.
+        gc.collect()
         server.close()
+
+
+def pytest_report_header() -> str:
+    """Name the versions under test: the matrix runs the suite on several."""
+    return (
+        f"celery {celery.__version__}, kombu {kombu.__version__}, "
+        f"py-amqp {amqp.__version__}, redis-py {redis.__version__}"
+    )
+
+
+_RABBITMQ = pytest.StashKey[RabbitMQServer]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Boot RabbitMQ in the background as soon as a selected test is known to need it."""
+    fixtures = [getattr(item, "fixturenames", ()) for item in items]
+    if config.option.collectonly or not any("rabbitmq_server" in names for names in fixtures):
+        return
+    # A vhost for each test, made at boot: each costs CPU there, so no more.
+    vhosts = sum("rabbitmq_url" in names for names in fixtures) + 1
+    with suppress(RuntimeError):  # the fixture says what is missing (skip, or fail in CI)
+        config.stash[_RABBITMQ] = RabbitMQServer(vhosts=vhosts).spawn()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Say how long the RabbitMQ node took to boot, if the session started one."""
+    server = config.stash.get(_RABBITMQ, None)
+    if server is not None and server.boot_seconds:
+        terminalreporter.write_line(
+            f"RabbitMQ {server.version}: booted in {server.boot_seconds:.1f}s, in the background "
+            f"from collection on; tests waited {server.waited_seconds:.1f}s for it"
+        )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop a RabbitMQ node booted for tests that then did not run (an interrupted session)."""
+    server = config.stash.get(_RABBITMQ, None)
+    if server is not None:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(pytestconfig: pytest.Config) -> Iterator[RabbitMQServer]:
+    """One real RabbitMQ node for the session, if a test needs it; missing, it fails in CI, skips locally."""
+    try:
+        server = pytestconfig.stash.get(_RABBITMQ, None) or RabbitMQServer().spawn()
+        pytestconfig.stash[_RABBITMQ] = server
+        server.wait_ready()
+    except RuntimeError as exc:
+        if CI:
+            raise
+        pytest.skip(f"no RabbitMQ server: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_server: RabbitMQServer) -> str:
+    """An ``amqp://`` URL on a virtual host of this test's own: no other test sees its messages."""
+    return rabbitmq_server.url(rabbitmq_server.new_vhost())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_event_loop() -> Iterator[None]:
+    """Each test's in-process worker gets an event loop of its own.
+
+    Before Celery 5.6 a worker reuses kombu's process-wide event loop, and
+    with it the timer of the first worker of the process, which no longer
+    runs: a later worker never runs a countdown, eta or retry.
+    """
+    yield
+    set_event_loop(None)
 
 
 @pytest.fixture(autouse=True)

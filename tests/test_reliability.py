@@ -7,9 +7,11 @@ workers. The figures they print (run with ``-s``) are the ones quoted in
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -327,6 +329,23 @@ def _nested(depth: int) -> list[Any]:
     return root
 
 
+def _too_deep_for_json() -> int:
+    """A nesting depth that ``json`` cannot encode on this interpreter.
+
+    The C encoder stops at the C recursion limit, which is not
+    ``sys.getrecursionlimit()`` and grew in 3.12 and 3.13 (5,000 encodes on
+    3.13), so probe for it rather than guess.
+    """
+    depth = sys.getrecursionlimit()
+    while depth < 10_000_000:
+        depth *= 2
+        try:
+            json.dumps(_nested(depth))
+        except RecursionError:
+            return depth
+    raise AssertionError(f"json encoded lists nested {depth} deep: no recursion limit to test against")
+
+
 def test_non_serializable_argument_locks_and_publishes_nothing(
     split_app: Celery, lock_server: RedisServer, broker: redis.Redis
 ) -> None:
@@ -372,7 +391,7 @@ def test_nested_beyond_recursion_limit_names_the_task(
     """An argument too deep for JSON: a TypeError naming the task, nothing locked or published."""
     try:
         with pytest.raises(TypeError, match=r"rel\.noop"):
-            split_app.tasks["rel.noop"].apply_async((_nested(5000),), unique=60)
+            split_app.tasks["rel.noop"].apply_async((_nested(_too_deep_for_json()),), unique=60)
     finally:
         # Whatever the error, it came before the lock store and the broker.
         assert lock_server.client(LOCK_DB).dbsize() == 0
