@@ -226,11 +226,14 @@ def test_killed_pool_process_is_a_final_failure(
             assert locks.get(key) == result.id.encode()
 
 
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_reenqueue_right_after_the_result_is_never_refused(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, request: pytest.FixtureRequest, tmp_path: Path, broker: str
 ) -> None:
     """Enqueueing the same call again as soon as result.get() returns is accepted, 200 times in a row."""
     life = Lifecycle.on(redis_server, unique_check_holder=False)
+    if broker == "rabbitmq":
+        life.broker = request.getfixturevalue("rabbitmq_url")
     app = life.app()
     work = app.tasks["life.work"]
     refusals = 0

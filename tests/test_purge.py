@@ -11,9 +11,10 @@ import redis
 
 from celery_unique import UniqueLocks
 from celery_unique.testing import RedisServer
-from tests.conftest import BROKER_DB, wait_until
+from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB, wait_until
 from tests.lifecycle_app import QUEUE
-from tests.lifecycle_support import Lifecycle, events
+from tests.lifecycle_support import SCRATCH_DB, Lifecycle, events
+from tests.rabbitmq import message_count
 from tests.test_admin import celery_cli
 
 pytestmark = pytest.mark.slow
@@ -74,3 +75,14 @@ def test_cli_purge_and_reap(redis_server: RedisServer, tasks: SimpleNamespace, l
     with_backend = celery_cli(redis_server, "reap", settings={"result_backend": redis_server.url(1)})
     assert with_backend.returncode == 0, with_backend.stderr
     assert with_backend.stdout.splitlines()[-1] == "No lock of a finished task."
+
+
+def test_purge_on_a_rabbitmq_broker(redis_server: RedisServer, rabbitmq_url: str, tmp_path: Path) -> None:
+    """On a RabbitMQ broker, purge removes the queued messages and releases exactly their locks."""
+    life = Lifecycle(
+        broker=rabbitmq_url,
+        backend=redis_server.url(RESULT_DB),
+        locks=redis_server.url(LOCK_DB),
+        scratch=redis_server.url(SCRATCH_DB),
+    )
+    purge_while_busy(life, tmp_path, lambda: message_count(rabbitmq_url, QUEUE))
