@@ -206,6 +206,22 @@ def register(app: Celery) -> None:
         wait_for_go(self, token, started=True)
         raise self.retry(countdown=0.5)
 
+    @app.task(base=UniqueTask, name="life.slow_retry", bind=True, shared=False, max_retries=1)
+    def slow_retry(self: UniqueTask, token: str) -> int:
+        # Retries once, three seconds later.
+        record(self, token, "start")
+        if not self.request.retries:
+            raise self.retry(countdown=3)
+        return int(self.request.retries)
+
+    @app.task(base=UniqueTask, name="life.requeue_once", bind=True, shared=False, acks_late=True)
+    def requeue_once(self: UniqueTask, token: str) -> str:
+        # Rejects its message with requeue the first time it runs, then succeeds.
+        record(self, token, "start")
+        if scratch_of(self).incr(f"runs:{token}") == 1:
+            raise Reject(f"{token} requeued", requeue=True)
+        return token
+
     @app.task(name="life.errback", shared=False)
     def errback(request: Any, exc: Any, traceback: Any, token: str) -> None:
         scratch = redis.Redis.from_url(app.conf.lifecycle_scratch_url)

@@ -424,3 +424,72 @@ def test_chord_members_that_retry_keep_their_locks_and_the_chord_completes(
         result = chord(header, total.s().set(unique=60)).apply_async()
         assert result.get(timeout=30) == 5
         wait_until(lambda: not [k for k in locks.keys("unique:*") if b":run:" not in k], what="all released")
+
+
+def test_forwarded_release_mode_does_not_change_when_the_lock_goes(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
+) -> None:
+    """A call that forwards another task's celery_unique_until="start" still holds its lock while it runs."""
+    life = Lifecycle.on(redis_server)
+    app, scratch = life.app(), life.scratch_client()
+    forwarded = {"celery_unique_until": "start", "celery_unique_lock": "unique:lifecycle:other:digest"}
+    with life.worker(tmp_path / "worker.log"):
+        result = app.tasks["life.work"].apply_async(
+            ("forwarded",), {"seconds": 2}, unique=60, headers=forwarded
+        )
+        key = lock_of(app, "life.work", ("forwarded",), {"seconds": 2})
+        wait_event(scratch, "forwarded", "start")
+        assert locks.get(key) == result.id.encode()
+        assert result.get(timeout=20) == "forwarded"
+        wait_until(lambda: not locks.exists(key), what="released on success")
+
+
+def _publish_copy(app: Any, name: str, task_id: str, key: str, args: tuple[Any, ...]) -> None:
+    """Publish a copy of a task's first attempt, as a broker redelivers it: same id, same lock header."""
+    from celery import Task
+
+    Task.apply_async(app.tasks[name], args, task_id=task_id, headers={"celery_unique_lock": key})
+
+
+def test_copy_of_an_attempt_that_retried_is_dropped(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
+) -> None:
+    """A copy of an attempt that ended in a retry is dropped while the retry waits; the retry runs once."""
+    life = Lifecycle.on(redis_server)
+    app, scratch = life.app(), life.scratch_client()
+    log = tmp_path / "worker.log"
+    with life.worker(log):
+        result = app.tasks["life.slow_retry"].apply_async(("retried",), unique=60)
+        key = lock_of(app, "life.slow_retry", ("retried",))
+        wait_until(lambda: (locks.get(f"{{{key}}}:run:{result.id}") or b"").startswith(b"done|0|0"),
+                   what="the first attempt ended in a retry")
+        _publish_copy(app, "life.slow_retry", result.id, key, ("retried",))
+        wait_until(lambda: "has already run" in log.read_text(), what="the copy dropped")
+        assert result.get(timeout=20) == 1
+        wait_until(lambda: not locks.exists(key), what="released")
+    assert events(scratch, "retried") == ["start", "start"]
+
+
+def test_reject_with_requeue_runs_again_under_the_lock(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
+) -> None:
+    """Reject(requeue=True) keeps the lock, and the message that comes back runs and releases it."""
+    life = Lifecycle.on(redis_server)
+    app, scratch = life.app(), life.scratch_client()
+    with life.worker(tmp_path / "worker.log"):
+        result = app.tasks["life.requeue_once"].apply_async(("requeued",), unique=60, unique_until="finish")
+        key = lock_of(app, "life.requeue_once", ("requeued",))
+        assert result.get(timeout=20) == "requeued"
+        wait_until(lambda: not locks.exists(key), what="released")
+    assert events(scratch, "requeued") == ["start", "start"]
+
+
+def test_refused_reuse_of_a_queued_id_leaves_its_state_alone(redis_server: RedisServer) -> None:
+    """Enqueueing a queued task's own id again is refused without recording a failure for that id."""
+    life = Lifecycle.on(redis_server)
+    app = life.app()
+    work = app.tasks["life.work"]
+    work.apply_async(("same-id",), unique=60, task_id="report-77", countdown=60)
+    with pytest.raises(DuplicateTaskError):
+        work.apply_async(("same-id",), unique=60, task_id="report-77", countdown=60)
+    assert stored(app, "report-77") == states.PENDING
