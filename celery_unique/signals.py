@@ -156,7 +156,12 @@ def _on_revoked(
             sender.name, request.id, signum, carried[0],
         )
         return
-    _release(sender, carried[0], request.id)
+    if terminated:
+        _release(sender, carried[0], request.id)
+    else:
+        # A message discarded as revoked or expired may be a copy of the same
+        # task id (redelivered, or deferred) while another copy still runs.
+        _release_unless_running(sender, carried[0], request.id)
 
 
 def _is_fatal(signum: Any) -> bool:
@@ -165,9 +170,24 @@ def _is_fatal(signum: Any) -> bool:
             signum = int(signum) if signum.lstrip("-").isdigit() else _signal.Signals[
                 signum if signum.startswith("SIG") else f"SIG{signum}"
             ]
-        return int(signum) in _FATAL_SIGNALS
+        # billiard reports a job it terminated as Terminated(-signum).
+        return abs(int(signum)) in _FATAL_SIGNALS
     except (KeyError, TypeError, ValueError):
         return True  # unknown: as a kill
+
+
+def _release_unless_running(task: Task, key: str, task_id: str) -> None:
+    """Release ``task_id``'s lock unless a copy of it runs (its running marker says so)."""
+    state = worker_state(task)
+    if state is None:
+        return
+    try:
+        state.store.take_over(key, task_id, "", 0, result_may_be_stale=False)
+    except redis.RedisError as exc:
+        logger.warning(
+            "celery_unique: could not release lock %s of task %s[%s] (%s); its TTL will free it",
+            key, task.name, task_id, exc,
+        )
 
 
 def _release(task: Task, key: str, task_id: str) -> None:

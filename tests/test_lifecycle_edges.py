@@ -493,3 +493,46 @@ def test_refused_reuse_of_a_queued_id_leaves_its_state_alone(redis_server: Redis
     with pytest.raises(DuplicateTaskError):
         work.apply_async(("same-id",), unique=60, task_id="report-77", countdown=60)
     assert stored(app, "report-77") == states.PENDING
+
+
+REDELIVER = {
+    "task_acks_late": True,
+    "broker_transport_options": {
+        "visibility_timeout": 2, "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+    },
+    "unique_running_ttl": 1,
+}
+
+
+def test_expired_copy_of_a_running_task_does_not_release_its_lock(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
+) -> None:
+    """A redelivered copy that expires is discarded without freeing the lock of the copy still running."""
+    life = Lifecycle.on(redis_server, **REDELIVER)
+    app, scratch = life.app(), life.scratch_client()
+    log = tmp_path / "worker.log"
+    with life.worker(log, concurrency=2):
+        result = app.tasks["life.work"].apply_async(("expiring-copy",), {"seconds": 8}, unique=60, expires=4)
+        key = lock_of(app, "life.work", ("expiring-copy",), {"seconds": 8})
+        wait_event(scratch, "expiring-copy", "start")
+        while "end" not in events(scratch, "expiring-copy"):
+            assert locks.get(key) == result.id.encode(), "released while the task runs"
+            time.sleep(0.2)
+        assert result.get(timeout=20) == "expiring-copy"
+
+
+def test_revoked_copy_of_a_running_task_does_not_release_its_lock(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
+) -> None:
+    """After revoke() (no terminate) of a running task, its discarded copies leave its lock alone."""
+    life = Lifecycle.on(redis_server, **REDELIVER)
+    app, scratch = life.app(), life.scratch_client()
+    log = tmp_path / "worker.log"
+    with life.worker(log, concurrency=2):
+        result = app.tasks["life.work"].apply_async(("revoked-copy",), {"seconds": 8}, unique=60)
+        key = lock_of(app, "life.work", ("revoked-copy",), {"seconds": 8})
+        wait_event(scratch, "revoked-copy", "start")
+        app.control.revoke(result.id)
+        while "end" not in events(scratch, "revoked-copy"):
+            assert locks.get(key) == result.id.encode(), "released while the task runs"
+            time.sleep(0.2)

@@ -9,8 +9,6 @@ import pytest
 
 from celery_unique.signals import _is_fatal
 
-NEGATIVE = pytest.mark.xfail(reason="a negative signal number is read as an unknown, survivable signal")
-
 
 @pytest.mark.parametrize(("signum", "fatal"), [
     (signal.SIGTERM, True),
@@ -21,8 +19,8 @@ NEGATIVE = pytest.mark.xfail(reason="a negative signal number is read as an unkn
     ("9", True),
     # billiard reports a job it terminated itself as Terminated(-signum), and
     # Celery announces the revoke with str() of that exception.
-    pytest.param("-15", True, marks=NEGATIVE),
-    pytest.param("-9", True, marks=NEGATIVE),
+    ("-15", True),
+    ("-9", True),
     (signal.SIGUSR1, False),
     ("SIGUSR1", False),
     ("USR1", False),
