@@ -313,8 +313,9 @@ class UniqueTask(Task):  # type: ignore[misc]
         backend = self.backend if state.config.check_holder else None
         check = backend is not None and not isinstance(backend, DisabledBackend)
         # A caller-chosen id may have run before: its marker says "queued" until
-        # it starts, so that a state it stored then is not taken for this run's.
-        marker = running_marker_key(key, task_id) if chosen_id and check else None
+        # it starts, so that a state it stored then is not taken for this run's,
+        # and the "done" marker its last run left does not drop this one.
+        marker = running_marker_key(key, task_id) if chosen_id else None
         holder = self._acquire(store, key, task_id, lock_ttl_ms, marker)
         if holder == task_id and chosen_id is None:
             holder = None  # our own command, applied before a dropped connection

@@ -38,12 +38,7 @@ def wait_event(scratch: redis.Redis, token: str, event: str, timeout: float = 20
     wait_until(lambda: event in events(scratch, token), timeout=timeout, what=f"{token} {event}")
 
 
-REUSED_ID_DROPPED = pytest.mark.xfail(
-    reason="without a result backend the id's 'done' marker stays, and the new run is dropped as a copy"
-)
-
-
-@pytest.mark.parametrize("backend", [True, pytest.param(False, marks=REUSED_ID_DROPPED)])
+@pytest.mark.parametrize("backend", [True, False])
 def test_task_id_reused_after_its_run_runs_again(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path, backend: bool
 ) -> None:
