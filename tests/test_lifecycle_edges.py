@@ -57,7 +57,6 @@ def test_task_id_reused_after_its_run_runs_again(
         wait_until(lambda: not locks.exists(key), what="second release")
 
 
-@pytest.mark.xfail(reason="on_replace puts the lock header on the chain's last step, not on the replacement")
 @pytest.mark.parametrize("backend", [True, False])
 def test_replace_inside_a_chain_releases_when_the_replacement_ends(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path, backend: bool
