@@ -146,6 +146,10 @@ class _RevokeWatcher(threading.Thread):
             for request in waiting:
                 if request.id in released or request.id not in worker_state.revoked:
                     continue
+                if getattr(request, "_apply_result", None) is not None:
+                    # Already handed to the pool (a threads pool queues it
+                    # there): Celery no longer checks its revoke, and runs it.
+                    continue
                 released.add(request.id)
                 key = (request.request_dict or {}).get(LOCK_HEADER)
                 if isinstance(key, str):
