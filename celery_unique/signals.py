@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 from celery import Task, states
+from celery.exceptions import Ignore
 from celery.signals import (
     beat_init,
     task_failure,
@@ -49,6 +50,9 @@ task_duplicate = Signal(name="task_duplicate")
 # after the request left the task's stack (applying a chain link raised) is
 # found here by its id.
 _plain_runs: dict[str, Run] = {}
+
+# The message of the Ignore that Celery's Task.on_replace raises.
+_REPLACED = "Replaced by new task"
 
 # Signals a terminated task cannot survive: its lock goes with the revoke.
 _FATAL_SIGNALS = frozenset({_signal.SIGTERM, _signal.SIGKILL})
@@ -108,6 +112,9 @@ def _on_postrun(task_id: str | None = None, state: str | None = None, retval: An
     if state == states.IGNORED:
         run = _plain_runs.pop(task_id, None) if task_id else None
         if run is not None:
+            # Task.replace() ends the replaced task with Celery's own Ignore:
+            # its replacement runs on under this id, so the lock stays.
+            run.replaced = isinstance(retval, Ignore) and str(retval) == _REPLACED
             run.end_ignored()
     elif state == states.REJECTED:
         _end_plain(task_id, "requeue" if getattr(retval, "requeue", False) else "failure")
