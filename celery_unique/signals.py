@@ -118,6 +118,11 @@ def _on_postrun(task_id: str | None = None, state: str | None = None, retval: An
             run.end_ignored()
     elif state == states.REJECTED:
         _end_plain(task_id, "requeue" if getattr(retval, "requeue", False) else "failure")
+    elif state is None:
+        # The body raised a BaseException that is not an Exception.
+        run = _plain_runs.pop(task_id, None) if task_id else None
+        if run is not None:
+            run.abandon()
 
 
 def _on_failure(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:

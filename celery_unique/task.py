@@ -236,6 +236,9 @@ class UniqueTask(Task):  # type: ignore[misc]
         except Exception:
             run.end("failure")
             raise
+        except BaseException:
+            run.abandon()
+            raise
         # Released before Celery stores the result: a caller that enqueues the
         # same call again as soon as result.get() returns is never refused.
         run.end("success")

@@ -222,6 +222,21 @@ def register(app: Celery) -> None:
             raise Reject(f"{token} requeued", requeue=True)
         return token
 
+    @app.task(base=UniqueTask, name="life.exits", bind=True, shared=False)
+    def exits(self: UniqueTask, token: str) -> None:
+        # Raises a BaseException that is not an Exception out of its body.
+        record(self, token, "start")
+        raise SystemExit(f"{token} exits")
+
+    @app.task(name="life.run_state", shared=False)
+    def run_state() -> dict[str, int]:
+        # What this worker process keeps about runs: plain runs and markers to renew.
+        from celery_unique.config import app_state
+        from celery_unique.execution import heartbeat
+        from celery_unique.signals import _plain_runs
+
+        return {"plain_runs": len(_plain_runs), "renewed": len(heartbeat(app_state(app))._markers)}
+
     @app.task(name="life.errback", shared=False)
     def errback(request: Any, exc: Any, traceback: Any, token: str) -> None:
         scratch = redis.Redis.from_url(app.conf.lifecycle_scratch_url)

@@ -554,3 +554,47 @@ def test_duplicate_of_a_revoked_task_the_pool_will_still_run_is_refused(
         wait_until(lambda: stored(app, queued.id) == states.REVOKED, what="REVOKED stored")
         with pytest.raises(DuplicateTaskError):
             work.apply_async(("taken",), unique=60)
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_no_run_is_left_behind_in_the_worker(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path, pool: str
+) -> None:
+    """After tasks of every outcome, the worker process keeps no run and renews no marker."""
+    life = Lifecycle.on(redis_server, unique_running_ttl=1, task_acks_late=True)
+    app = life.app()
+    t = app.tasks
+    with life.worker(tmp_path / "worker.log", extra=(f"--pool={pool}",)):
+        results = [
+            t["life.work"].apply_async(("ok",), unique=60),
+            t["life.work"].apply_async(("failed",), {"fail": True}, unique=60),
+            t["life.flaky"].apply_async(("retried",), unique=60),
+            t["life.self_stored"].apply_async(("ignored",), unique=60),
+            t["life.reject"].apply_async(("rejected",), unique=60),
+            t["life.replacer"].apply_async(("replaced",), unique=60),
+            send_unique(app, "life.plain_work", ("plain-ok",), unique=60),
+            send_unique(app, "life.plain_work", ("plain-failed",), {"fail": True}, unique=60),
+            send_unique(app, "life.plain_replacer", ("plain-replaced",), unique=60),
+        ]
+        for result in results:
+            wait_until(lambda r=result: stored(app, r.id) in states.READY_STATES, what=f"{result.id} ends")
+        time.sleep(1)
+        assert t["life.run_state"].delay().get(timeout=20) == {"plain_runs": 0, "renewed": 0}
+
+
+def test_task_that_exits_leaves_no_marker_to_renew(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
+) -> None:
+    """A body that raises SystemExit in a threads pool stops renewing its marker, which then expires.
+
+    The worker process lives on (a solo pool's worker stops on such a task),
+    so a marker still renewed would say the task runs for ever.
+    """
+    life = Lifecycle.on(redis_server, unique_running_ttl=1)
+    app, scratch = life.app(), life.scratch_client()
+    with life.worker(tmp_path / "worker.log", extra=("--pool=threads",)):
+        result = app.tasks["life.exits"].apply_async(("exits",), unique=60)
+        marker = f"{{{lock_of(app, 'life.exits', ('exits',))}}}:run:{result.id}"
+        wait_event(scratch, "exits", "start")
+        wait_until(lambda: not (locks.get(marker) or b"").startswith(b"run|"), what="the marker expires")
+        assert app.tasks["life.run_state"].delay().get(timeout=20) == {"plain_runs": 0, "renewed": 0}
