@@ -598,3 +598,17 @@ def test_task_that_exits_leaves_no_marker_to_renew(
         wait_event(scratch, "exits", "start")
         wait_until(lambda: not (locks.get(marker) or b"").startswith(b"run|"), what="the marker expires")
         assert app.tasks["life.run_state"].delay().get(timeout=20) == {"plain_runs": 0, "renewed": 0}
+
+
+def test_retry_taken_by_another_process_before_the_attempt_ended_is_not_held_back(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
+) -> None:
+    """A retry another pool process takes while the retrying attempt still cleans up runs at once."""
+    life = Lifecycle.on(redis_server, unique_running_ttl=3)
+    app, scratch = life.app(), life.scratch_client()
+    log = tmp_path / "worker.log"
+    with life.worker(log, concurrency=2):
+        result = app.tasks["life.retry_then_clean_up"].apply_async(("cleanup",), unique=60)
+        assert result.get(timeout=30) == 1
+    assert "already running elsewhere" not in log.read_text()
+    assert events(scratch, "cleanup") == ["start", "start"]
