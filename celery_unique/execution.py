@@ -168,6 +168,17 @@ class Run:
         except redis.RedisError as exc:
             _warn_release_failed(self.task, self.task_id, self.key, exc)
 
+    def abandon(self) -> None:
+        """Stop renewing the marker of a run whose body raised a BaseException that is not an Exception.
+
+        Whether the process goes on (a threads pool) or is on its way out, the
+        marker then expires within ``unique_running_ttl``, as a dead worker's
+        does, instead of saying for ever that the task runs.
+        """
+        if not self.ended and self.holds_marker:
+            self.ended = True
+            heartbeat(self.state).discard(self.marker)
+
     def end_ignored(self) -> None:
         """End a run whose body raised ``Ignore``: replaced, or judged by the state it stored."""
         if self.replaced:

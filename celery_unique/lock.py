@@ -109,9 +109,11 @@ return 0
     # ARGV[3] - marker TTL in milliseconds
     # ARGV[4] - the task id, to release the lock as the task starts
     #           (unique_until="start"), or "" to keep it
-    # return "run" if this copy now holds the marker and may run; "wait" if a
-    #        copy of this attempt or an older one runs; "skip" if this attempt
-    #        has ended or a newer one exists
+    # return "run" if this copy now holds the marker and may run; "wait" if
+    #        another copy of this attempt runs; "skip" if this attempt has
+    #        ended or a newer one exists. An older attempt still marked
+    #        running has handed over to this one (it published this retry or
+    #        replacement, and is only finishing): this copy takes the marker.
     BEGIN_SCRIPT = """
 local r, k = string.match(ARGV[1], '^(%d+)|(%d+)$')
 r, k = tonumber(r), tonumber(k)
@@ -124,10 +126,10 @@ if marker then
         if newer then
             return 'skip'
         end
-        if state == 'run' then
-            return 'wait'
-        end
         if mr == r and mk == k then
+            if state == 'run' then
+                return 'wait'
+            end
             return 'skip'
         end
     end

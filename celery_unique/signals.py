@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 from celery import Task, states
+from celery.exceptions import Ignore
 from celery.signals import (
     beat_init,
     task_failure,
@@ -49,6 +50,9 @@ task_duplicate = Signal(name="task_duplicate")
 # after the request left the task's stack (applying a chain link raised) is
 # found here by its id.
 _plain_runs: dict[str, Run] = {}
+
+# The message of the Ignore that Celery's Task.on_replace raises.
+_REPLACED = "Replaced by new task"
 
 # Signals a terminated task cannot survive: its lock goes with the revoke.
 _FATAL_SIGNALS = frozenset({_signal.SIGTERM, _signal.SIGKILL})
@@ -108,9 +112,17 @@ def _on_postrun(task_id: str | None = None, state: str | None = None, retval: An
     if state == states.IGNORED:
         run = _plain_runs.pop(task_id, None) if task_id else None
         if run is not None:
+            # Task.replace() ends the replaced task with Celery's own Ignore:
+            # its replacement runs on under this id, so the lock stays.
+            run.replaced = isinstance(retval, Ignore) and str(retval) == _REPLACED
             run.end_ignored()
     elif state == states.REJECTED:
         _end_plain(task_id, "requeue" if getattr(retval, "requeue", False) else "failure")
+    elif state is None:
+        # The body raised a BaseException that is not an Exception.
+        run = _plain_runs.pop(task_id, None) if task_id else None
+        if run is not None:
+            run.abandon()
 
 
 def _on_failure(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
@@ -156,7 +168,12 @@ def _on_revoked(
             sender.name, request.id, signum, carried[0],
         )
         return
-    _release(sender, carried[0], request.id)
+    if terminated:
+        _release(sender, carried[0], request.id)
+    else:
+        # A message discarded as revoked or expired may be a copy of the same
+        # task id (redelivered, or deferred) while another copy still runs.
+        _release_unless_running(sender, carried[0], request.id)
 
 
 def _is_fatal(signum: Any) -> bool:
@@ -165,9 +182,24 @@ def _is_fatal(signum: Any) -> bool:
             signum = int(signum) if signum.lstrip("-").isdigit() else _signal.Signals[
                 signum if signum.startswith("SIG") else f"SIG{signum}"
             ]
-        return int(signum) in _FATAL_SIGNALS
+        # billiard reports a job it terminated as Terminated(-signum).
+        return abs(int(signum)) in _FATAL_SIGNALS
     except (KeyError, TypeError, ValueError):
         return True  # unknown: as a kill
+
+
+def _release_unless_running(task: Task, key: str, task_id: str) -> None:
+    """Release ``task_id``'s lock unless a copy of it runs (its running marker says so)."""
+    state = worker_state(task)
+    if state is None:
+        return
+    try:
+        state.store.take_over(key, task_id, "", 0, result_may_be_stale=False)
+    except redis.RedisError as exc:
+        logger.warning(
+            "celery_unique: could not release lock %s of task %s[%s] (%s); its TTL will free it",
+            key, task.name, task_id, exc,
+        )
 
 
 def _release(task: Task, key: str, task_id: str) -> None:

@@ -237,6 +237,9 @@ class UniqueTask(Task):  # type: ignore[misc]
         except Exception:
             run.end("failure")
             raise
+        except BaseException:
+            run.abandon()
+            raise
         # Released before Celery stores the result: a caller that enqueues the
         # same call again as soon as result.get() returns is never refused.
         run.end("success")
@@ -250,8 +253,9 @@ class UniqueTask(Task):  # type: ignore[misc]
             headers = {LOCK_HEADER: run.key, REPLACES_HEADER: run.task_id}
             if run.until != "success":
                 headers[UNTIL_HEADER] = run.until
-            final = _final_signature(sig)
-            final.set(headers={**(final.options.get("headers") or {}), **headers})
+            final = _replacement_of(sig, run.task_id)
+            if final is not None:
+                final.set(headers={**(final.options.get("headers") or {}), **headers})
         return super().on_replace(sig)
 
     # -- internals --------------------------------------------------------------------------------
@@ -317,8 +321,9 @@ class UniqueTask(Task):  # type: ignore[misc]
         backend = self.backend if state.config.check_holder else None
         check = backend is not None and not isinstance(backend, DisabledBackend)
         # A caller-chosen id may have run before: its marker says "queued" until
-        # it starts, so that a state it stored then is not taken for this run's.
-        marker = running_marker_key(key, task_id) if chosen_id and check else None
+        # it starts, so that a state it stored then is not taken for this run's,
+        # and the "done" marker its last run left does not drop this one.
+        marker = running_marker_key(key, task_id) if chosen_id else None
         holder = self._acquire(store, key, task_id, lock_ttl_ms, marker)
         if holder == task_id and chosen_id is None:
             holder = None  # our own command, applied before a dropped connection
@@ -562,17 +567,25 @@ def _drop_own_headers(options: dict[str, Any]) -> None:
         options["headers"] = {k: v for k, v in headers.items() if k not in _OWN_HEADERS}
 
 
-def _final_signature(sig: Any) -> Any:
-    """The signature of a canvas that runs under the canvas's own task id."""
+def _replacement_of(sig: Any, task_id: str) -> Any:
+    """The signature of a replacement canvas that runs under the replaced ``task_id``.
+
+    ``Task.replace()`` freezes the replacement with the replaced task's id
+    (a chain's last task, a chord's body), then appends the rest of the
+    replaced task's own chain, whose steps keep their ids: the lock goes to
+    the step that carries ``task_id``, not to the last one.
+    """
     from celery.canvas import _chain, chord
 
-    while True:
-        if isinstance(sig, _chain) and sig.tasks:
-            sig = sig.tasks[-1]
-        elif isinstance(sig, chord):
-            sig = sig.body
-        else:
-            return sig
+    if isinstance(sig, _chain):
+        for task in sig.tasks:
+            found = _replacement_of(task, task_id)
+            if found is not None:
+                return found
+        return None
+    if isinstance(sig, chord):
+        return _replacement_of(sig.body, task_id)
+    return sig if sig.options.get("task_id") == task_id else None
 
 
 def _release_quietly(store: LockStore, key: str, task_id: str) -> None:

@@ -146,6 +146,10 @@ class _RevokeWatcher(threading.Thread):
             for request in waiting:
                 if request.id in released or request.id not in worker_state.revoked:
                     continue
+                if getattr(request, "_apply_result", None) is not None:
+                    # Already handed to the pool (a threads pool queues it
+                    # there): Celery no longer checks its revoke, and runs it.
+                    continue
                 released.add(request.id)
                 key = (request.request_dict or {}).get(LOCK_HEADER)
                 if isinstance(key, str):
@@ -153,9 +157,11 @@ class _RevokeWatcher(threading.Thread):
 
     def _release(self, key: str, task_id: str) -> None:
         # A revoked task that has not started never starts: Celery discards
-        # it when its turn comes. Owner-checked, as every release.
+        # it when its turn comes. Owner-checked, as every release, and never
+        # under another copy of the same task id that runs (a deferred copy
+        # waiting here while the first one runs on).
         try:
-            app_state(self.app).store.release(key, task_id)
+            app_state(self.app).store.take_over(key, task_id, "", 0, result_may_be_stale=False)
         except (redis.RedisError, ConfigurationError) as exc:
             logger.warning(
                 "celery_unique: could not release lock %s of revoked task %s (%s)", key, task_id, exc

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, chain, group
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 
 from celery_unique import UniqueTask
@@ -57,6 +57,26 @@ def record(task: Any, token: str, event: str) -> None:
     scratch_of(task).rpush(f"log:{token}", f"{event}:{os.getpid()}:{task.request.id}")
 
 
+def wait_for_go(task: Any, token: str, started: bool = False) -> None:
+    """Record "start", then wait for the test's go-ahead, recording each SoftTimeLimitExceeded.
+
+    The signal may arrive at any point, even while "start" is being recorded:
+    every step is inside the ``try``, so the task always survives it.
+    """
+    scratch = scratch_of(task)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if not started:
+                started = True
+                record(task, token, "start")
+            while time.monotonic() < deadline and not scratch.exists(f"go:{token}"):
+                time.sleep(0.05)
+            return
+        except SoftTimeLimitExceeded:
+            record(task, token, "signalled")
+
+
 def register(app: Celery) -> None:
     """Register the lifecycle tasks on ``app``."""
 
@@ -69,18 +89,21 @@ def register(app: Celery) -> None:
             raise RuntimeError(f"{token} failed on purpose")
         return token
 
+    @app.task(
+        base=UniqueTask, name="life.work_soon_retried", bind=True, shared=False, default_retry_delay=0.5
+    )
+    def work_soon_retried(self: UniqueTask, token: str, seconds: float = 0.0) -> str:
+        # As life.work, retried half a second later (task_retry_on_worker_lost).
+        record(self, token, "start")
+        time.sleep(seconds)
+        record(self, token, "end")
+        return token
+
     @app.task(base=UniqueTask, name="life.survivor", bind=True, shared=False)
     def survivor(self: UniqueTask, token: str, after: float = 1.0, fail: bool = False) -> str:
         # Survives the SoftTimeLimitExceeded a SIGUSR1 raises, then goes on for
         # ``after`` seconds, waiting for the test's go-ahead to end.
-        record(self, token, "start")
-        scratch = scratch_of(self)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not scratch.exists(f"go:{token}"):
-            try:
-                time.sleep(0.05)
-            except SoftTimeLimitExceeded:
-                record(self, token, "signalled")
+        wait_for_go(self, token)
         time.sleep(after)
         record(self, token, "end")
         if fail:
@@ -130,6 +153,100 @@ def register(app: Celery) -> None:
     @app.task(base=UniqueTask, name="life.total", shared=False)
     def total(values: list[int]) -> int:
         return sum(values)
+
+    @app.task(base=UniqueTask, name="life.quick_retry", bind=True, shared=False, max_retries=5)
+    def quick_retry(self: UniqueTask, token: str, failures: int = 1) -> int:
+        # Retries at once (countdown 0): the retry is published while this attempt still runs.
+        record(self, token, "start")
+        if self.request.retries < failures:
+            raise self.retry(countdown=0)
+        record(self, token, "end")
+        return int(self.request.retries)
+
+    @app.task(base=UniqueTask, name="life.group_replacer", bind=True, shared=False)
+    def group_replacer(self: UniqueTask, token: str, seconds: float = 0.0) -> Any:
+        record(self, token, "replacing")
+        return self.replace(group(plain_work.s(f"{token}-a", seconds), plain_work.s(f"{token}-b", seconds)))
+
+    @app.task(base=UniqueTask, name="life.chain_replacer", bind=True, shared=False)
+    def chain_replacer(self: UniqueTask, token: str, seconds: float = 0.0) -> Any:
+        record(self, token, "replacing")
+        return self.replace(chain(plain_work.si(f"{token}-a", seconds), plain_work.si(token, seconds)))
+
+    @app.task(name="life.plain_replacer", bind=True, shared=False)
+    def plain_replacer(self: Any, token: str, seconds: float = 0.0) -> Any:
+        # A plain task (sent with send_unique) that replaces itself.
+        record(self, token, "replacing")
+        return self.replace(plain_work.s(token, seconds))
+
+    @app.task(base=UniqueTask, name="life.hard_limited", bind=True, shared=False, time_limit=1)
+    def hard_limited(self: UniqueTask, token: str, seconds: float = 5.0) -> str:
+        record(self, token, "start")
+        time.sleep(seconds)
+        record(self, token, "end")
+        return token
+
+    @app.task(
+        base=UniqueTask, name="life.autoretry", bind=True, shared=False,
+        autoretry_for=(KeyError,), max_retries=2, default_retry_delay=0.2,
+    )
+    def autoretry(self: UniqueTask, token: str, failures: int = 1) -> int:
+        record(self, token, "start")
+        if self.request.retries < failures:
+            raise KeyError(token)
+        return int(self.request.retries)
+
+    @app.task(base=UniqueTask, name="life.survivor_retry", bind=True, shared=False, max_retries=1)
+    def survivor_retry(self: UniqueTask, token: str) -> str:
+        # Survives a SIGUSR1, then retries.
+        record(self, token, "start")
+        if self.request.retries:
+            record(self, token, "retried")
+            return token
+        wait_for_go(self, token, started=True)
+        raise self.retry(countdown=0.5)
+
+    @app.task(base=UniqueTask, name="life.slow_retry", bind=True, shared=False, max_retries=1)
+    def slow_retry(self: UniqueTask, token: str) -> int:
+        # Retries once, three seconds later.
+        record(self, token, "start")
+        if not self.request.retries:
+            raise self.retry(countdown=3)
+        return int(self.request.retries)
+
+    @app.task(base=UniqueTask, name="life.requeue_once", bind=True, shared=False, acks_late=True)
+    def requeue_once(self: UniqueTask, token: str) -> str:
+        # Rejects its message with requeue the first time it runs, then succeeds.
+        record(self, token, "start")
+        if scratch_of(self).incr(f"runs:{token}") == 1:
+            raise Reject(f"{token} requeued", requeue=True)
+        return token
+
+    @app.task(base=UniqueTask, name="life.exits", bind=True, shared=False)
+    def exits(self: UniqueTask, token: str) -> None:
+        # Raises a BaseException that is not an Exception out of its body.
+        record(self, token, "start")
+        raise SystemExit(f"{token} exits")
+
+    @app.task(name="life.run_state", shared=False)
+    def run_state() -> dict[str, int]:
+        # What this worker process keeps about runs: plain runs and markers to renew.
+        from celery_unique.config import app_state
+        from celery_unique.execution import heartbeat
+        from celery_unique.signals import _plain_runs
+
+        return {"plain_runs": len(_plain_runs), "renewed": len(heartbeat(app_state(app))._markers)}
+
+    @app.task(base=UniqueTask, name="life.retry_then_clean_up", bind=True, shared=False, max_retries=1)
+    def retry_then_clean_up(self: UniqueTask, token: str, cleanup: float = 1.0) -> int:
+        # Retries at once, then spends a while cleaning up (a with block's exit) before it ends.
+        record(self, token, "start")
+        if self.request.retries:
+            return int(self.request.retries)
+        try:
+            raise self.retry(countdown=0)
+        finally:
+            time.sleep(cleanup)
 
     @app.task(name="life.errback", shared=False)
     def errback(request: Any, exc: Any, traceback: Any, token: str) -> None:
