@@ -123,8 +123,8 @@ class Run:
     def store(self) -> LockStore:
         return self.state.store
 
-    def begin(self) -> Literal["run", "wait", "skip"]:
-        """Take the running marker; return "run", or "wait"/"skip" for a second copy."""
+    def begin(self) -> Literal["run", "wait", "skip", "revoked"]:
+        """Take the running marker; return "run", or "wait", "skip" or "revoked" (see BEGIN_SCRIPT)."""
         release_id = self.task_id if self.until == "start" else ""
         if self.eager:
             if release_id:
@@ -146,7 +146,11 @@ class Run:
             self.holds_marker = True
             heartbeat(self.state).add(self.marker, self.running)
             return "run"
-        return "skip" if verdict == "skip" else "wait"
+        if verdict == "skip":
+            return "skip"
+        if verdict == "revoked":
+            return "revoked"
+        return "wait"
 
     def end(self, outcome: Outcome) -> None:
         """End the run with ``outcome``: leave the marker and release the lock as it says."""
@@ -267,6 +271,9 @@ def second_copy(task: Task, run: Run, verdict: str, args: Any, kwargs: Any) -> I
         )
         defer(task, task.request, args, kwargs, countdown)
         return Ignore("celery_unique: another copy of this task id is running")
+    if verdict == "revoked":
+        logger.info("celery_unique: dropped task %s[%s]: it was revoked", task.name, run.task_id)
+        return Ignore("celery_unique: this task was revoked")
     logger.info(
         "celery_unique: dropped a copy of task %s[%s]: this attempt has already run",
         task.name, run.task_id,
@@ -312,14 +319,17 @@ class Heartbeat:
     def _loop(self) -> None:
         ttl = self._state.config.running_ttl
         while not self._wake.wait(ttl / 3):
+            # Held through the renewal: a run that ends waits in discard()
+            # until it is done, so a renewal never puts back a marker that
+            # the run's end has just removed.
             with self._lock:
                 markers = list(self._markers.items())
-            if not markers:
-                continue
-            try:
-                self._state.store.heartbeat(markers, _ms(ttl))
-            except redis.RedisError as exc:
-                logger.warning("celery_unique: could not renew running markers (%s)", exc)
+                if not markers:
+                    continue
+                try:
+                    self._state.store.heartbeat(markers, _ms(ttl))
+                except redis.RedisError as exc:
+                    logger.warning("celery_unique: could not renew running markers (%s)", exc)
 
 
 def heartbeat(state: _AppState) -> Heartbeat:

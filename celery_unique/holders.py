@@ -70,6 +70,7 @@ def take_over_if_finished(
     state = stored_state(backend, holder)
     if not finished(state, until):
         return holder
+    revoked = state == states.REVOKED
     return store.take_over(
-        key, holder, task_id, ttl_ms, result_may_be_stale=state != states.REVOKED, marker=marker
+        key, holder, task_id, ttl_ms, result_may_be_stale=not revoked, marker=marker, revoked=revoked
     )

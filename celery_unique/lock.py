@@ -118,6 +118,9 @@ return 0
 local r, k = string.match(ARGV[1], '^(%d+)|(%d+)$')
 r, k = tonumber(r), tonumber(k)
 local marker = redis.call('GET', KEYS[1])
+if marker == 'revoked' then
+    return 'revoked'
+end
 if marker then
     local state, mr, mk = string.match(marker, '^(%a+)|(%d+)|(%d+)')
     if state then
@@ -169,15 +172,22 @@ end
 return 0
 """
 
-    # Renew a running marker, only if this copy still holds it.
+    # Renew a running marker, only if this copy still holds it, and put it
+    # back if it vanished (a restarted or flushed Redis, a pause longer than
+    # its TTL) while no other copy took it.
     #
     # KEYS[1] - running marker
     # ARGV[1] - the marker value this copy set
     # ARGV[2] - marker TTL in milliseconds
-    # return 1 if renewed, otherwise 0
+    # return 1 if renewed or put back, otherwise 0
     HEARTBEAT_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local marker = redis.call('GET', KEYS[1])
+if marker == ARGV[1] then
     return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if not marker then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
 end
 return 0
 """
@@ -196,6 +206,8 @@ return 0
     # ARGV[3] - time to live in milliseconds of the new holder's lock
     # ARGV[4] - "1" if the stored state may be stale when the holder has not
     #           started ("queued" marker): a revoke is never stale, a result is
+    # ARGV[5] - "1" if the holder was revoked before it ran: its marker
+    #           becomes "revoked", so that no copy of it runs later
     # return nil if the lock was taken over (or deleted), otherwise the
     #        holder's task id
     TAKE_OVER_SCRIPT = """
@@ -208,6 +220,12 @@ if holder then
     if marker and (string.sub(marker, 1, 4) == 'run|' or (marker == 'queued' and ARGV[4] == '1')) then
         return holder
     end
+end
+if holder and ARGV[5] == '1' then
+    -- Revoked before it ran: a copy that comes back (a worker restarted
+    -- without its revokes) is dropped for as long as the lock would have lived.
+    local left = redis.call('PTTL', KEYS[1])
+    redis.call('SET', KEYS[2], 'revoked', 'PX', math.max(left, 1000))
 end
 if ARGV[2] == '' then
     redis.call('DEL', KEYS[1])
@@ -259,9 +277,13 @@ return false
                 raise AcquireError(exc, maybe_applied=True) from exc
             return _text(holder)
         parts = (*(k.encode() for k in keys), task_id.encode(), b"%d" % ttl_ms)
-        return _text(
-            _evalsha_on_own_connection(self._own, self._acquire, self._acquire_heads[len(keys)], parts)
+        reply, resent = _evalsha_on_own_connection(
+            self._own, self._acquire, self._acquire_heads[len(keys)], parts
         )
+        holder = _text(reply)
+        # Sent again after the connection dropped: if the id holds the lock,
+        # the first attempt was applied, and this call holds it.
+        return None if resent and holder == task_id else holder
 
 
     def release(self, key: str, task_id: str) -> bool:
@@ -296,16 +318,21 @@ return false
         *,
         result_may_be_stale: bool,
         marker: str | None = None,
+        revoked: bool = False,
     ) -> str | None:
         """Give ``holder``'s lock to ``task_id`` if no copy of it runs; None if done, else the holder.
 
         An empty ``task_id`` deletes the lock instead. ``marker`` is the running
-        marker of ``task_id``, set to "queued" as in :meth:`acquire`.
+        marker of ``task_id``, set to "queued" as in :meth:`acquire`. With
+        ``revoked``, the holder was revoked before it ran: no copy of it may
+        run later (see TAKE_OVER_SCRIPT).
         """
         keys = [key, running_marker_key(key, holder)]
         if marker is not None:
             keys.append(marker)
-        args: list[str | int] = [holder, task_id, ttl_ms, "1" if result_may_be_stale else "0"]
+        args: list[str | int] = [
+            holder, task_id, ttl_ms, "1" if result_may_be_stale else "0", "1" if revoked else "0"
+        ]
         return _text(self._take_over(keys=keys, args=args))
 
     def holder(self, key: str) -> str | None:
@@ -368,7 +395,7 @@ def _head(sha: str, keys: int, args: int) -> bytes:
 
 def _evalsha_on_own_connection(
     connections: _OwnConnections, script: Any, head: bytes, parts: tuple[bytes, ...]
-) -> Any:
+) -> tuple[Any, bool]:
     # A connection dropped after the command was sent (a restarted server, a
     # socket closed by a proxy or by the server's idle timeout) is retried
     # once on a fresh one; a timeout is not retried, and its socket is
@@ -386,13 +413,13 @@ def _evalsha_on_own_connection(
         try:
             try:
                 connection.send_packed_command([_packed(head, *parts)], check_health=False)
-                return connection.read_response()
+                return connection.read_response(), attempt > 1
             except NoScriptError:
                 # A restarted server or a SCRIPT FLUSH: load it, run it again.
                 connection.send_command("SCRIPT", "LOAD", script.script, check_health=False)
                 connection.read_response()
                 connection.send_packed_command([_packed(head, *parts)], check_health=False)
-                return connection.read_response()
+                return connection.read_response(), attempt > 1
         except redis.ConnectionError as exc:
             connection.disconnect()
             if attempt == 1 and not isinstance(exc, redis.AuthenticationError):

@@ -49,7 +49,17 @@ task_duplicate = Signal(name="task_duplicate")
 # Runs of tasks that are not UniqueTasks, by task id: a failure Celery reports
 # after the request left the task's stack (applying a chain link raised) is
 # found here by its id.
-_plain_runs: dict[str, Run] = {}
+_plain_runs: dict[tuple[str, int], Run] = {}
+
+
+def _plain_key(task_id: str) -> tuple[str, int]:
+    # Every signal of a run comes from the thread that runs it; keyed by the
+    # thread too, two copies of one task id in a threads pool stay apart.
+    return task_id, threading.get_ident()
+
+
+def _pop_plain(task_id: str | None) -> Run | None:
+    return _plain_runs.pop(_plain_key(task_id), None) if task_id else None
 
 # The message of the Ignore that Celery's Task.on_replace raises.
 _REPLACED = "Replaced by new task"
@@ -88,11 +98,11 @@ def _on_prerun(sender: Task | None = None, task_id: str | None = None, **_: Any)
             "celery_unique: task %s[%s] runs while another copy of it runs or has run",
             sender.name, run.task_id,
         )
-    _plain_runs[run.task_id] = run
+    _plain_runs[_plain_key(run.task_id)] = run
 
 
 def _end_plain(task_id: str | None, outcome: Any) -> None:
-    run = _plain_runs.pop(task_id, None) if task_id else None
+    run = _pop_plain(task_id)
     if run is not None:
         run.end(outcome)
 
@@ -110,7 +120,7 @@ def _on_retry(request: Any = None, **_: Any) -> None:
 def _on_postrun(task_id: str | None = None, state: str | None = None, retval: Any = None, **_: Any) -> None:
     # Outcomes with no signal of their own.
     if state == states.IGNORED:
-        run = _plain_runs.pop(task_id, None) if task_id else None
+        run = _pop_plain(task_id)
         if run is not None:
             # Task.replace() ends the replaced task with Celery's own Ignore:
             # its replacement runs on under this id, so the lock stays.
@@ -120,14 +130,14 @@ def _on_postrun(task_id: str | None = None, state: str | None = None, retval: An
         _end_plain(task_id, "requeue" if getattr(retval, "requeue", False) else "failure")
     elif state is None:
         # The body raised a BaseException that is not an Exception.
-        run = _plain_runs.pop(task_id, None) if task_id else None
+        run = _pop_plain(task_id)
         if run is not None:
             run.abandon()
 
 
 def _on_failure(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
     # task_failure means a final failure: a retry raises Retry instead.
-    if task_id in _plain_runs:
+    if task_id and _plain_key(task_id) in _plain_runs:
         _end_plain(task_id, "failure")
         return
     if sender is None:
@@ -138,7 +148,8 @@ def _on_failure(sender: Task | None = None, task_id: str | None = None, **_: Any
     if failing is not None:
         # The main process reports a pool process's death; UniqueRequest
         # ends the run once it knows whether the message comes back.
-        failing.final_failure = True
+        if failing.id == task_id:
+            failing.final_failure = True
         return
     request = sender.request
     if RUN_ATTR in request.__dict__ or getattr(request, "id", None) != task_id:

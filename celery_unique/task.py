@@ -268,10 +268,12 @@ class UniqueTask(Task):  # type: ignore[misc]
         checked again. A ``Task.replace()`` replacement continues the replaced
         task's lock under the same id.
         """
+        if not task_id:
+            return False  # a retry or a replacement always names its task id
         if options.get("retries"):
             return True
         headers = options.get("headers")
-        return bool(task_id and headers and headers.get(REPLACES_HEADER) == task_id)
+        return bool(headers and headers.get(REPLACES_HEADER) == task_id)
 
     def _from_schedule(self, headers: Mapping[str, Any] | None) -> bool:
         # Beat's own thread, or a scheduler's header on a call made outside a

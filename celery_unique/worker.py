@@ -157,11 +157,14 @@ class _RevokeWatcher(threading.Thread):
 
     def _release(self, key: str, task_id: str) -> None:
         # A revoked task that has not started never starts: Celery discards
-        # it when its turn comes. Owner-checked, as every release, and never
-        # under another copy of the same task id that runs (a deferred copy
-        # waiting here while the first one runs on).
+        # it when its turn comes, and its marker turns "revoked" so that it is
+        # dropped even by a worker restarted without the revoke. Owner-checked,
+        # as every release, and never under another copy of the same task id
+        # that runs (a deferred copy waiting here while the first runs on).
         try:
-            app_state(self.app).store.take_over(key, task_id, "", 0, result_may_be_stale=False)
+            app_state(self.app).store.take_over(
+                key, task_id, "", 0, result_may_be_stale=False, revoked=True
+            )
         except (redis.RedisError, ConfigurationError) as exc:
             logger.warning(
                 "celery_unique: could not release lock %s of revoked task %s (%s)", key, task_id, exc

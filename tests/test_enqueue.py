@@ -289,3 +289,14 @@ def test_failure_between_lock_and_publish_leaves_no_lock(
     # The thread's lock connection is in step: the next call works.
     tasks.send_report.apply_async((6,), unique=60)
     assert queued(broker) == 1
+
+
+def test_retries_option_without_a_task_id_is_a_new_call(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """Only a call naming its task id continues a lock as a retry: retries=1 alone is checked."""
+    first = tasks.send_report.apply_async((8,), unique=60)
+    with pytest.raises(DuplicateTaskError) as info:
+        tasks.send_report.apply_async((8,), unique=60, retries=1)
+    assert info.value.task_id == first.id
+    assert queued(broker) == 1

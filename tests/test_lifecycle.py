@@ -18,8 +18,9 @@ import redis
 from celery import states
 
 from celery_unique import DuplicateTaskError
+from celery_unique.lock import running_marker_key
 from celery_unique.testing import RedisServer
-from tests.conftest import wait_until
+from tests.conftest import LOCK_DB, wait_until
 from tests.lifecycle_support import Lifecycle, events, pids
 
 pytestmark = pytest.mark.slow
@@ -311,3 +312,21 @@ def test_redelivered_copy_runs_when_its_worker_died(
         assert events(scratch, "orphan") == ["start", "start", "end"]
         wait_until(lambda: not locks.exists(lock_of(app, "life.work", ("orphan",), {"seconds": 3})),
                    what="released")
+
+
+def test_heartbeat_puts_back_a_lost_running_marker(
+    redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
+) -> None:
+    """A running task's marker that vanished (a flushed or restarted Redis) is put back by the heartbeat."""
+    life = Lifecycle.on(redis_server, unique_running_ttl=1)
+    app, scratch = life.app(), life.scratch_client()
+    raw = redis_server.client(LOCK_DB)
+    with life.worker(tmp_path / "worker.log"):
+        result = app.tasks["life.work"].apply_async(("lost",), {"seconds": 4}, unique=60)
+        wait_event(scratch, "lost", "start")
+        key = lock_of(app, "life.work", ("lost",), {"seconds": 4})
+        marker = running_marker_key(key, result.id)
+        value = wait_until(lambda: raw.get(marker), what="the running marker")
+        raw.delete(marker)
+        wait_until(lambda: raw.get(marker) == value, timeout=3, what="the marker put back")
+        assert result.get(timeout=20) == "lost"
