@@ -167,6 +167,12 @@ class SentinelTopology:
 
     def master_port(self) -> int | None:
         """The master's port as the first live Sentinel reports it, or None."""
+        ports = self.master_ports()
+        return ports[0] if ports else None
+
+    def master_ports(self) -> list[int | None]:
+        """The master's port as each live Sentinel reports it (None: it names none)."""
+        ports: list[int | None] = []
         for sentinel in self.sentinels:
             client = sentinel.client()
             try:
@@ -176,9 +182,8 @@ class SentinelTopology:
                 continue
             finally:
                 client.close()
-            if address:
-                return int(address[1])
-        return None
+            ports.append(int(address[1]) if address else None)
+        return ports
 
     # --- internals ---------------------------------------------------------------------------
 
