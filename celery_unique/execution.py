@@ -32,8 +32,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import redis
 from celery import states
@@ -57,6 +57,7 @@ __all__ = [
     "begin_run",
     "lock_of",
     "marker_owner",
+    "per_process",
     "report_configuration_once",
 ]
 
@@ -300,7 +301,6 @@ class Heartbeat:
         self._markers: dict[str, str] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._pid = os.getpid()
         self._thread: threading.Thread | None = None
 
     def add(self, marker: str, value: str) -> None:
@@ -334,16 +334,25 @@ class Heartbeat:
 
 def heartbeat(state: _AppState) -> Heartbeat:
     """Return this process's heartbeat for the app state ``state``."""
-    # Kept on the app's state and checked against the pid: a forked pool
-    # process starts a thread of its own instead of trusting one that did not
-    # survive the fork.
-    beat: Heartbeat | None = state.__dict__.get("heartbeat")
-    if beat is None or beat._pid != os.getpid():
-        with _heartbeat_lock:
-            beat = state.__dict__.get("heartbeat")
-            if beat is None or beat._pid != os.getpid():
-                beat = state.__dict__["heartbeat"] = Heartbeat(state)
-    return beat
+    return per_process(state, "heartbeat", Heartbeat)
 
 
-_heartbeat_lock = threading.Lock()
+_T = TypeVar("_T")
+_per_process_lock = threading.Lock()
+
+
+def per_process(owner: Any, name: str, make: Callable[[Any], _T]) -> _T:
+    """Return ``owner``'s object ``name`` of this process, made by ``make(owner)`` once.
+
+    Kept on ``owner`` with the pid that made it: a forked pool process makes
+    one of its own instead of trusting one (a thread, a socket) that did not
+    survive the fork.
+    """
+    pid = os.getpid()
+    made: tuple[int, _T] | None = owner.__dict__.get(f"_per_process_{name}")
+    if made is None or made[0] != pid:
+        with _per_process_lock:
+            made = owner.__dict__.get(f"_per_process_{name}")
+            if made is None or made[0] != pid:
+                made = owner.__dict__[f"_per_process_{name}"] = (pid, make(owner))
+    return made[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 import queue
 import threading
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ from .execution import (
     UNTIL_HEADER,
     Run,
     begin_run,
+    per_process,
     second_copy,
 )
 from .holders import take_over_if_finished
@@ -609,8 +609,13 @@ class _Cleanup(threading.Thread):
     def __init__(self, store: LockStore) -> None:
         super().__init__(name="celery-unique-cleanup", daemon=True)
         self.store = store
-        self.pid = os.getpid()
         self.pending: queue.Queue[tuple[str, str]] = queue.Queue(self.limit)
+
+    @classmethod
+    def started(cls, store: LockStore) -> _Cleanup:
+        cleanup = cls(store)
+        cleanup.start()
+        return cleanup
 
     def put(self, item: tuple[str, str]) -> None:
         try:
@@ -624,17 +629,6 @@ class _Cleanup(threading.Thread):
             _release_quietly(self.store, key, task_id)
 
 
-_cleanup_lock = threading.Lock()
-
-
 def _cleanup(store: LockStore) -> _Cleanup:
     # One thread per store and process, started on the first failure.
-    cleanup: _Cleanup | None = store.__dict__.get("_cleanup")
-    if cleanup is None or cleanup.pid != os.getpid():
-        with _cleanup_lock:
-            cleanup = store.__dict__.get("_cleanup")
-            if cleanup is None or cleanup.pid != os.getpid():
-                cleanup = _Cleanup(store)
-                cleanup.start()
-                store.__dict__["_cleanup"] = cleanup
-    return cleanup
+    return per_process(store, "cleanup", _Cleanup.started)

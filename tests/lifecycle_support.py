@@ -113,6 +113,32 @@ class Lifecycle:
             process.wait(timeout=10)
 
 
+#: Redis broker settings that redeliver an unacknowledged message after 2 s,
+#: checked every second (kombu's restore runs every 10 s by default).
+REDELIVER: dict[str, Any] = {
+    "task_acks_late": True,
+    "broker_transport_options": {
+        "visibility_timeout": 2, "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+    },
+    "unique_running_ttl": 1,
+}
+
+
+def lock_of(app: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> str:
+    """The lock key of a call of the task ``name`` on ``app``."""
+    return str(app.tasks[name].lock_key(args, kwargs or {}, {}))
+
+
+def stored(app: Any, task_id: str) -> str:
+    """The state the result backend holds now (AsyncResult caches a finished state)."""
+    return str(app.backend.get_task_meta(task_id, cache=False)["status"])
+
+
+def wait_event(scratch: redis.Redis, token: str, event: str, timeout: float = 20) -> None:
+    """Wait until a run of ``token``'s task has recorded ``event``."""
+    wait_until(lambda: event in events(scratch, token), timeout=timeout, what=f"{token} {event}")
+
+
 def events(scratch: redis.Redis, token: str) -> list[str]:
     """The events a token's task runs recorded: ``start``, ``end``, ... (pids dropped)."""
     return [entry.decode().split(":", 1)[0] for entry in scratch.lrange(f"log:{token}", 0, -1)]

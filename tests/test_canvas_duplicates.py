@@ -20,15 +20,12 @@ from celery_unique import DuplicateTaskError
 from celery_unique.testing import RedisServer
 from tests.conftest import BROKER_DB, wait_until
 from tests.lifecycle_app import QUEUE
-from tests.lifecycle_support import ROOT, Lifecycle
+from tests.lifecycle_support import ROOT, Lifecycle, stored
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 15
 
-
-def stored(app: Any, task_id: str) -> str:
-    return str(app.backend.get_task_meta(task_id, cache=False)["status"])
 
 
 @pytest.fixture

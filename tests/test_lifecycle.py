@@ -21,13 +21,10 @@ from celery_unique import DuplicateTaskError
 from celery_unique.lock import running_marker_key
 from celery_unique.testing import RedisServer
 from tests.conftest import LOCK_DB, wait_until
-from tests.lifecycle_support import Lifecycle, events, pids
+from tests.lifecycle_support import REDELIVER, Lifecycle, events, lock_of, pids, stored, wait_event
 
 pytestmark = pytest.mark.slow
 
-
-def lock_of(app: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> str:
-    return str(app.tasks[name].lock_key(args, kwargs or {}, {}))
 
 
 def refused(app: Any, name: str, args: tuple[Any, ...], **options: Any) -> bool:
@@ -39,13 +36,6 @@ def refused(app: Any, name: str, args: tuple[Any, ...], **options: Any) -> bool:
     return False
 
 
-def stored(app: Any, task_id: str) -> str:
-    """The state the result backend holds now (AsyncResult caches a finished state)."""
-    return str(app.backend.get_task_meta(task_id, cache=False)["status"])
-
-
-def wait_event(scratch: redis.Redis, token: str, event: str, timeout: float = 20) -> None:
-    wait_until(lambda: event in events(scratch, token), timeout=timeout, what=f"{token} {event}")
 
 
 def test_sigusr1_survivor_keeps_its_lock_until_it_ends(
@@ -263,16 +253,6 @@ def test_worker_with_broken_settings_reports_once(
     assert "unique_redis_socket_timeout" in errors[0]
     assert "Traceback" not in text
 
-
-#: Redis broker settings that redeliver an unacknowledged message after 2 s,
-#: checked every second (kombu's restore runs every 10 s by default).
-REDELIVER = {
-    "task_acks_late": True,
-    "broker_transport_options": {
-        "visibility_timeout": 2, "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
-    },
-    "unique_running_ttl": 1,
-}
 
 
 def test_redelivered_copy_waits_for_the_running_one(

@@ -21,21 +21,12 @@ from celery import chain, chord, states
 from celery_unique import DuplicateTaskError, send_unique
 from celery_unique.testing import RedisServer
 from tests.conftest import wait_until
-from tests.lifecycle_support import Lifecycle, events, pids
+from tests.lifecycle_support import REDELIVER, Lifecycle, events, lock_of, pids, stored, wait_event
 
 pytestmark = pytest.mark.slow
 
 
-def lock_of(app: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> str:
-    return str(app.tasks[name].lock_key(args, kwargs or {}, {}))
 
-
-def stored(app: Any, task_id: str) -> str:
-    return str(app.backend.get_task_meta(task_id, cache=False)["status"])
-
-
-def wait_event(scratch: redis.Redis, token: str, event: str, timeout: float = 20) -> None:
-    wait_until(lambda: event in events(scratch, token), timeout=timeout, what=f"{token} {event}")
 
 
 @pytest.mark.parametrize("backend", [True, False])
@@ -491,14 +482,6 @@ def test_refused_reuse_of_a_queued_id_leaves_its_state_alone(redis_server: Redis
         work.apply_async(("same-id",), unique=60, task_id="report-77", countdown=60)
     assert stored(app, "report-77") == states.PENDING
 
-
-REDELIVER = {
-    "task_acks_late": True,
-    "broker_transport_options": {
-        "visibility_timeout": 2, "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
-    },
-    "unique_running_ttl": 1,
-}
 
 
 def test_expired_copy_of_a_running_task_does_not_release_its_lock(
