@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import queue
-import threading
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import redis
 from celery import Task
-from celery.app.task import Context
 from celery.backends.base import DisabledBackend
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
 
+from .canvas import record_refusal, replacement_of
+from .cleanup import clean_up_later, release_quietly
 from .compat import BEAT_HEADER
 from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
@@ -27,7 +26,6 @@ from .execution import (
     UNTIL_HEADER,
     Run,
     begin_run,
-    per_process,
     second_copy,
 )
 from .holders import take_over_if_finished
@@ -136,7 +134,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         except BaseException:
             # No lock without a published task: whatever stopped the publish
             # (broker down, serializer error, Ctrl-C), give the lock back.
-            _release_quietly(store, key, task_id)
+            release_quietly(store, key, task_id)
             raise
 
     def apply(
@@ -253,7 +251,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             headers = {LOCK_HEADER: run.key, REPLACES_HEADER: run.task_id}
             if run.until != "success":
                 headers[UNTIL_HEADER] = run.until
-            final = _replacement_of(sig, run.task_id)
+            final = replacement_of(sig, run.task_id)
             if final is not None:
                 final.set(headers={**(final.options.get("headers") or {}), **headers})
         return super().on_replace(sig)
@@ -417,7 +415,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
         except BaseException:
             if not eager[1]:
-                _release_quietly(store, key, task_id)
+                release_quietly(store, key, task_id)
             raise
         finally:
             _eager_lock.reset(token)
@@ -473,7 +471,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             # task, so later chain steps, the chord and the errbacks hear of
             # it now instead of waiting for ever.
             error = DuplicateTaskError(self.name, holder, key)
-            self._record_refusal(refused_id, error, args, kwargs, options, link, link_error)
+            record_refusal(self, refused_id, error, args, kwargs, options, link, link_error)
         # Beat would log a duplicate as a scheduling ERROR with a traceback on
         # every tick; for a scheduler a duplicate is expected, so it is only logged.
         if unique.on_duplicate == "existing" or from_schedule:
@@ -481,42 +479,6 @@ class UniqueTask(Task):  # type: ignore[misc]
         # Raised as it is made: an exception held in a local of this frame
         # would, through its traceback, form a cycle kept until a full GC.
         raise DuplicateTaskError(self.name, holder, key)
-
-    def _record_refusal(
-        self,
-        task_id: str,
-        error: DuplicateTaskError,
-        args: Any,
-        kwargs: Any,
-        options: Mapping[str, Any],
-        link: Any,
-        link_error: Any,
-    ) -> None:
-        backend = self.backend
-        if isinstance(backend, DisabledBackend):
-            return
-        request = Context(
-            id=task_id,
-            task=self.name,
-            args=list(args or ()),
-            kwargs=dict(kwargs or {}),
-            chain=options.get("chain"),
-            chord=options.get("chord"),
-            group=options.get("group_id"),
-            group_index=options.get("group_index"),
-            root_id=options.get("root_id"),
-            parent_id=options.get("parent_id"),
-            callbacks=link,
-            errbacks=link_error,
-            headers=options.get("headers"),
-            delivery_info={"routing_key": options.get("routing_key"), "priority": options.get("priority")},
-        )
-        try:
-            backend.mark_as_failure(task_id, error, request=request)
-        except Exception as exc:  # a backend that is down must not hide the refusal
-            logger.warning(
-                "celery_unique: could not record refused task %s[%s] as failed (%r)", self.name, task_id, exc
-            )
 
     def _routed_queue(
         self,
@@ -559,7 +521,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                 # up; this id is never published, so an owner-checked release
                 # is always safe. It runs in the background: against a stalled
                 # server it would wait out a second timeout first.
-                _cleanup(store).put((key, task_id))
+                clean_up_later(store, key, task_id)
             raise LockStoreError(self.name, key, f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -569,66 +531,3 @@ def _drop_own_headers(options: dict[str, Any]) -> None:
         options["headers"] = {k: v for k, v in headers.items() if k not in _OWN_HEADERS}
 
 
-def _replacement_of(sig: Any, task_id: str) -> Any:
-    """The signature of a replacement canvas that runs under the replaced ``task_id``.
-
-    ``Task.replace()`` freezes the replacement with the replaced task's id
-    (a chain's last task, a chord's body), then appends the rest of the
-    replaced task's own chain, whose steps keep their ids: the lock goes to
-    the step that carries ``task_id``, not to the last one.
-    """
-    from celery.canvas import _chain, chord
-
-    if isinstance(sig, _chain):
-        for task in sig.tasks:
-            found = _replacement_of(task, task_id)
-            if found is not None:
-                return found
-        return None
-    if isinstance(sig, chord):
-        return _replacement_of(sig.body, task_id)
-    return sig if sig.options.get("task_id") == task_id else None
-
-
-def _release_quietly(store: LockStore, key: str, task_id: str) -> None:
-    try:
-        store.release(key, task_id)
-    except redis.RedisError as exc:
-        logger.warning(
-            "celery_unique: could not release lock %s of unpublished task %s (%s); "
-            "its TTL will free it", key, task_id, exc,
-        )
-
-
-class _Cleanup(threading.Thread):
-    """Releases, one after another, the locks of tasks whose acquire may have been applied."""
-
-    #: Pending releases beyond this are dropped (their TTL frees them).
-    limit = 10_000
-
-    def __init__(self, store: LockStore) -> None:
-        super().__init__(name="celery-unique-cleanup", daemon=True)
-        self.store = store
-        self.pending: queue.Queue[tuple[str, str]] = queue.Queue(self.limit)
-
-    @classmethod
-    def started(cls, store: LockStore) -> _Cleanup:
-        cleanup = cls(store)
-        cleanup.start()
-        return cleanup
-
-    def put(self, item: tuple[str, str]) -> None:
-        try:
-            self.pending.put_nowait(item)
-        except queue.Full:
-            logger.warning("celery_unique: too many locks to clean up; lock %s is left to its TTL", item[0])
-
-    def run(self) -> None:
-        while True:
-            key, task_id = self.pending.get()
-            _release_quietly(self.store, key, task_id)
-
-
-def _cleanup(store: LockStore) -> _Cleanup:
-    # One thread per store and process, started on the first failure.
-    return per_process(store, "cleanup", _Cleanup.started)
