@@ -100,8 +100,14 @@ def format_key(prefix: str, queue: str, task_name: str, digest: str) -> str:
 
 
 def parse_key(key: str) -> LockKey:
-    """Split a lock key made by :func:`format_key` back into its parts."""
-    prefix, queue, task_name, digest = key.rsplit(":", 3)
+    """Split a lock key made by :func:`format_key` back into its parts.
+
+    Raises ``ValueError`` naming ``key`` if it is not shaped like one.
+    """
+    parts = key.rsplit(":", 3)
+    if len(parts) != 4 or not parts[0] or not parts[3]:
+        raise UniqueValueError(f"{key!r} is not a lock key: expected <prefix>:<queue>:<task name>:<digest>")
+    prefix, queue, task_name, digest = parts
     return LockKey(prefix, unescape(queue), unescape(task_name), digest)
 
 

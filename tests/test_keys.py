@@ -398,3 +398,11 @@ def _same_types(one: Any, other: Any) -> bool:
     if isinstance(one, list):
         return len(one) == len(other) and all(map(_same_types, one, other))
     return bool(one == other)
+
+
+@pytest.mark.parametrize("key", ["", "unique", "unique:celery:task", ":q:task:digest", "a:b:c:"])
+def test_parse_key_names_a_malformed_key(key: str) -> None:
+    """parse_key refuses a string that is not <prefix>:<queue>:<task name>:<digest>, naming it."""
+    with pytest.raises(ValueError, match="is not a lock key") as info:
+        parse_key(key)
+    assert repr(key) in str(info.value)
