@@ -221,8 +221,16 @@ class UniqueTask(Task):  # type: ignore[misc]
         verdict = run.begin()
         if verdict != "run":
             raise second_copy(self, run, verdict, args, kwargs)
+        # The tracer has pushed this task and its request already. Unless a
+        # class between this one and Task has a __call__ of its own, run the
+        # body as Celery does for a task without one: Task.__call__ pushes a
+        # second request, which before Celery 5.5 is empty (no id, no headers)
+        # instead of a copy of the first.
+        body = super().__call__
+        if getattr(body, "__func__", None) is Task.__call__:
+            body = self.run
         try:
-            result = super().__call__(*args, **kwargs)
+            result = body(*args, **kwargs)
         except Retry:
             run.end("retry")
             raise

@@ -14,6 +14,9 @@ import pytest
 from celery_unique.testing import RedisServer
 
 from .django_support import assert_passed, run_django_suite
+from .versions import HAS_DJANGO_TASK, needs_django_task
+
+pytestmark = pytest.mark.skipif(not HAS_DJANGO_TASK, reason=needs_django_task)
 
 PROJECT = Path(__file__).resolve().parent / "django_project"
 

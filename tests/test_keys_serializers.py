@@ -243,7 +243,7 @@ def test_pydantic_models_sent_with_pickle_are_keyed_as_models(celery_app: Celery
 json_leaves = (
     st.none() | st.booleans() | st.integers() | st.floats() | st.text()
     | st.datetimes(timezones=st.none() | st.just(timezone.utc)) | st.dates() | st.times()
-    | st.decimals() | st.uuids() | st.binary(max_size=8)
+    | st.decimals() | st.uuids(version=4) | st.binary(max_size=8)
 )
 json_ready = st.recursive(
     json_leaves,
@@ -285,7 +285,7 @@ hashables = st.recursive(
     max_leaves=6,
 )
 typed_values = st.recursive(
-    hashables | st.floats() | st.datetimes() | st.timedeltas() | st.uuids(),
+    hashables | st.floats() | st.datetimes() | st.timedeltas() | st.uuids(version=4),
     lambda children: st.lists(children, max_size=3) | st.lists(children, max_size=3).map(tuple)
     | st.dictionaries(hashables, children, max_size=3) | st.sets(hashables, max_size=3),
     max_leaves=10,

@@ -22,6 +22,7 @@ from celery_unique.lock import running_marker_key
 from celery_unique.testing import RedisServer
 from tests.conftest import LOCK_DB, wait_until
 from tests.lifecycle_support import REDELIVER, Lifecycle, events, lock_of, pids, stored, wait_event
+from tests.versions import QUICK_REDELIVERY, needs_quick_redelivery
 
 pytestmark = pytest.mark.slow
 
@@ -255,6 +256,7 @@ def test_worker_with_broken_settings_reports_once(
 
 
 
+@pytest.mark.skipif(not QUICK_REDELIVERY, reason=needs_quick_redelivery)
 def test_redelivered_copy_waits_for_the_running_one(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
 ) -> None:
@@ -276,6 +278,7 @@ def test_redelivered_copy_waits_for_the_running_one(
         assert "has already run" in log.read_text()
 
 
+@pytest.mark.skipif(not QUICK_REDELIVERY, reason=needs_quick_redelivery)
 def test_redelivered_copy_runs_when_its_worker_died(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
 ) -> None:

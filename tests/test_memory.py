@@ -175,13 +175,21 @@ def plain_celery(celery_config: dict[str, Any]) -> dict[str, list[Batch]]:
 
 
 def assert_within(path: str, measured: list[Batch], baseline: list[Batch], name: str) -> None:
-    """Fail if a batch of ``path`` exceeds the same batch of ``name`` by more than ``MARGIN``."""
+    """Fail if ``path`` keeps, over both batches, more than ``name`` by over ``MARGIN`` a call.
+
+    Over both batches: a cache or table of Celery's or kombu's that grows now
+    and then lands in one batch or the other, while what a call keeps shows
+    in both.
+    """
     pairs = list(zip(measured, baseline, strict=True))
     figures = "; ".join(f"batch {n}: {path} {m}, {name} {b}" for n, (m, b) in enumerate(pairs, 1))
     print(figures)
-    for m, b in pairs:
-        assert m.retained <= b.retained + MARGIN, f"{path} keeps more than {name}: {figures}"
-        assert m.cyclic <= b.cyclic + MARGIN, f"{path} leaves more garbage cycles than {name}: {figures}"
+    kept = sum(m.retained for m in measured) / len(measured)
+    kept_baseline = sum(b.retained for b in baseline) / len(baseline)
+    cyclic = sum(m.cyclic for m in measured) / len(measured)
+    cyclic_baseline = sum(b.cyclic for b in baseline) / len(baseline)
+    assert kept <= kept_baseline + MARGIN, f"{path} keeps more than {name}: {figures}"
+    assert cyclic <= cyclic_baseline + MARGIN, f"{path} leaves more garbage cycles than {name}: {figures}"
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import redis
 
 from celery_unique.testing import RedisServer
+from tests.versions import HAS_DJANGO_TASK, needs_django_task
 
 from .django_support import assert_passed, run_django_suite
 
@@ -93,6 +95,7 @@ def readme_files(*titles: str) -> dict[str, str]:
     return files
 
 
+@pytest.mark.skipif(not HAS_DJANGO_TASK, reason=needs_django_task)
 def test_django_and_testing_sections_run(redis_server: RedisServer, tmp_path: Path) -> None:
     """The Django and testing sections, written into a project, pass under pytest-django."""
     blocks = readme_files("## Django", "## Testing your tasks")

@@ -26,7 +26,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from celery.contrib.django.task import DjangoTask
+try:
+    from celery.contrib.django.task import DjangoTask
+except ImportError as exc:  # Celery 5.3: no DjangoTask, no delay_on_commit to keep
+    raise ImportError(
+        "celery_unique.contrib.django needs Celery 5.4 or later: UniqueDjangoTask extends its "
+        "DjangoTask (delay_on_commit); with Celery 5.3 use UniqueTask"
+    ) from exc
 from django.db import transaction  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from ..task import UniqueTask
