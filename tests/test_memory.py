@@ -10,6 +10,11 @@ Redis result backend, Redis locks), ``WARMUP`` calls and then two batches of
   is off during the batch, then a young-generation collection frees it),
   i.e. memory that piles up between the collector's full passes.
 
+Each measurement runs in a fresh interpreter (a ``spawn`` child) where the
+calling thread is the only one: ``tracemalloc`` counts every thread's
+allocations, and a test runner's own threads (pytest-xdist's channel to its
+controller) allocate while a batch runs.
+
 Results are ignored (``task_ignore_result``, and ``ignore_result=True`` for
 ``send_task``). With a Redis result backend, plain Celery itself keeps about
 240 bytes a call: every published task leaves its result channel in redis-py's
@@ -25,8 +30,10 @@ from __future__ import annotations
 
 import gc
 import itertools
+import multiprocessing
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,31 +154,40 @@ def new_app(config: dict[str, Any]) -> Celery:
     return app
 
 
-@pytest.fixture
-def make_app(celery_config: dict[str, Any]) -> Iterator[Callable[[], Celery]]:
-    """Makes fresh apps (see ``new_app``) and closes them after the test."""
-    apps: list[Celery] = []
+PATHS = {
+    path.__name__: path
+    for path in (
+        plain_apply_async,
+        unique_apply_async,
+        plain_send_task,
+        send_unique_unknown,
+        send_unique_plain_task,
+        refused_raise,
+        refused_existing,
+    )
+}
 
-    def make() -> Celery:
-        apps.append(new_app(celery_config))
-        return apps[-1]
 
-    yield make
-    for app in apps:
+def measure_path(config: dict[str, Any], name: str) -> list[Batch]:
+    """Measure the path called ``name`` on a fresh app (runs in the child)."""
+    app = new_app(config)
+    try:
+        return measure(PATHS[name](app))
+    finally:
         app.close()
+
+
+def measured(config: dict[str, Any], *names: str) -> dict[str, list[Batch]]:
+    """Measure each named path, one after the other, in a fresh interpreter of their own."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
+        return {name: child.submit(measure_path, config, name).result() for name in names}
 
 
 @pytest.fixture(scope="module")
 def plain_celery(celery_config: dict[str, Any]) -> dict[str, list[Batch]]:
     """Plain Celery's figures, measured once for the module, each on an app of its own."""
-    figures = {}
-    for baseline in (plain_apply_async, plain_send_task):
-        app = new_app(celery_config)
-        try:
-            figures[baseline.__name__] = measure(baseline(app))
-        finally:
-            app.close()
-    return figures
+    return measured(celery_config, plain_apply_async.__name__, plain_send_task.__name__)
 
 
 def assert_within(path: str, measured: list[Batch], baseline: list[Batch], name: str) -> None:
@@ -202,20 +218,20 @@ def assert_within(path: str, measured: list[Batch], baseline: list[Batch], name:
     ids=["apply_async", "send_unique-unknown-task", "send_unique-plain-task"],
 )
 def test_unique_enqueue_keeps_no_more_than_plain_celery(
-    make_app: Callable[[], Celery],
+    celery_config: dict[str, Any],
     plain_celery: dict[str, list[Batch]],
     path: Callable[[Celery], Callable[[int], Any]],
     baseline: Callable[[Celery], Callable[[int], Any]],
 ) -> None:
     """A published unique enqueue keeps, and leaves to the cyclic GC, no more per call than plain Celery."""
-    unique = measure(path(make_app()))
+    unique = measured(celery_config, path.__name__)[path.__name__]
     assert_within(path.__name__, unique, plain_celery[baseline.__name__], baseline.__name__)
 
 
 @pytest.mark.parametrize("path", [refused_raise, refused_existing], ids=["raise", "existing"])
 def test_refused_duplicate_keeps_nothing(
-    make_app: Callable[[], Celery], path: Callable[[Celery], Callable[[int], Any]]
+    celery_config: dict[str, Any], path: Callable[[Celery], Callable[[int], Any]]
 ) -> None:
     """A refused duplicate publishes nothing, so it keeps (and leaves to the cyclic GC) nothing per call."""
     nothing = [Batch(0.0, 0.0)] * 2
-    assert_within(path.__name__, measure(path(make_app())), nothing, "nothing")
+    assert_within(path.__name__, measured(celery_config, path.__name__)[path.__name__], nothing, "nothing")
