@@ -242,7 +242,7 @@ class Walkthrough:
         """Release the locks this run still holds (owner-checked) so a rerun starts clean."""
         released = sum(self.store.release(key, task_id) for key, task_id in self.taken)
         if released:
-            say(f"   released {released} lock(s) this run still held")
+            say(f"   released {released} {'lock' if released == 1 else 'locks'} this run still held")
 
     # steps
 
