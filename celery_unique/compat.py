@@ -1,16 +1,25 @@
-"""Where the supported releases of Celery (5.3 and later) differ, in one place.
+"""Where the supported releases of Celery (5.3+) and redis-py (5.0+) differ, in one place.
 
-Every behaviour of celery-unique that depends on the Celery version is
-decided here, so a reader finds the differences in one place.
+Every behaviour of celery-unique that depends on the Celery or redis-py
+version is decided here, so a reader finds the differences in one place.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import VERSION
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-__all__ = ["BEAT_HEADER", "BEAT_MARKS_ITS_TASKS", "waiting_requests"]
+__all__ = [
+    "BEAT_HEADER",
+    "BEAT_MARKS_ITS_TASKS",
+    "CLUSTER_RETRIES_FROM_RETRY",
+    "cluster_retry_options",
+    "waiting_requests",
+]
 
 #: The message header Celery beat puts on the tasks it sends.
 BEAT_HEADER = "celery_beat_task"
@@ -20,6 +29,21 @@ BEAT_HEADER = "celery_beat_task"
 #: header also lets a call made outside beat's thread, e.g. by a test driving
 #: ``Scheduler.apply_async`` itself, be treated as beat's.
 BEAT_MARKS_ITS_TASKS: bool = (VERSION.major, VERSION.minor) >= (5, 7)
+
+
+#: Whether this redis-py's ``RedisCluster`` takes how often it retries a
+#: failed command from its ``retry`` (6.0 and later). Before 6.0 that count is
+#: ``cluster_error_retry_attempts`` (default 3), and ``retry`` only reaches
+#: each node's connections.
+CLUSTER_RETRIES_FROM_RETRY: bool = int(redis.__version__.split(".", 1)[0]) >= 6
+
+
+def cluster_retry_options(retries: int) -> dict[str, Any]:
+    """``RedisCluster`` arguments that retry a failed command ``retries`` times, with no backoff."""
+    options: dict[str, Any] = {"retry": Retry(NoBackoff(), retries)}
+    if not CLUSTER_RETRIES_FROM_RETRY:
+        options["cluster_error_retry_attempts"] = retries
+    return options
 
 
 def waiting_requests(consumer: Any) -> list[Any]:

@@ -27,6 +27,7 @@ from redis.exceptions import ClusterError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from .compat import cluster_retry_options
 from .errors import ConfigurationError
 from .redis_url import redact
 
@@ -104,10 +105,10 @@ def _cluster(target: StoreTarget, kwargs: dict[str, Any]) -> RedisCluster:
         raise ConfigurationError(f"a Redis Cluster is reached over TCP, not a unix socket: {where}")
     if kwargs.pop("db", 0) != 0:
         raise ConfigurationError(f"a Redis Cluster has only database 0: {where}")
-    retry = kwargs.pop("retry", None) or Retry(NoBackoff(), CLUSTER_RETRIES)
+    options = {**cluster_retry_options(CLUSTER_RETRIES), **kwargs}
     try:
         return _LockStoreCluster(
-            host=kwargs.pop("host", "localhost"), port=kwargs.pop("port", 6379), retry=retry, **kwargs
+            host=options.pop("host", "localhost"), port=options.pop("port", 6379), **options
         )
     except RedisClusterException as exc:
         # Building the client reads the slot map from the seed node.
