@@ -83,6 +83,11 @@ class LockStoreError(UniqueTaskError):
         self.reason = reason
         self.node = node
 
+    @classmethod
+    def from_error(cls, task_name: str, key: str, exc: BaseException) -> LockStoreError:
+        """The error for ``exc``, a Redis error: its type and message are the reason."""
+        return cls(task_name, key, f"{type(exc).__name__}: {exc}")
+
     def __str__(self) -> str:
         task = f"{self.task_name}: " if self.task_name else ""
         node = f" (node {self.node})" if self.node else ""

@@ -48,6 +48,7 @@ __all__ = [
     "call_digest",
     "canonical_text",
     "format_key",
+    "key_head",
     "parse_key",
 ]
 
@@ -96,7 +97,12 @@ def unescape(part: str) -> str:
 
 def format_key(prefix: str, queue: str, task_name: str, digest: str) -> str:
     """Build the lock key of a call from its parts."""
-    return f"{prefix}:{escape(queue)}:{escape(task_name)}:{digest}"
+    return key_head(prefix, queue, task_name) + digest
+
+
+def key_head(prefix: str, queue: str, task_name: str) -> str:
+    """Everything of a lock key but its digest, which follows it unchanged."""
+    return f"{prefix}:{escape(queue)}:{escape(task_name)}:"
 
 
 def parse_key(key: str) -> LockKey:

@@ -277,14 +277,12 @@ return false
                 raise AcquireError(exc, maybe_applied=True) from exc
             return _text(holder)
         parts = (*(k.encode() for k in keys), task_id.encode(), b"%d" % ttl_ms)
-        reply, resent = _evalsha_on_own_connection(
-            self._own, self._acquire, self._acquire_heads[len(keys)], parts
-        )
+        command = [_packed(self._acquire_heads[len(keys)], parts)]
+        reply, resent = _evalsha_on_own_connection(self._own, self._acquire, command)
         holder = _text(reply)
         # Sent again after the connection dropped: if the id holds the lock,
         # the first attempt was applied, and this call holds it.
         return None if resent and holder == task_id else holder
-
 
     def release(self, key: str, task_id: str) -> bool:
         """Delete the lock if ``task_id`` holds it; return whether it did."""
@@ -381,7 +379,7 @@ class _OwnConnections:
         return connection
 
 
-def _packed(head: bytes, *parts: bytes) -> bytes:
+def _packed(head: bytes, parts: tuple[bytes, ...]) -> bytes:
     # RESP bulk strings after a pre-packed head: the command, its script's
     # sha and its key count never change.
     return head + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
@@ -394,7 +392,7 @@ def _head(sha: str, keys: int, args: int) -> bytes:
 
 
 def _evalsha_on_own_connection(
-    connections: _OwnConnections, script: Any, head: bytes, parts: tuple[bytes, ...]
+    connections: _OwnConnections, script: Any, command: list[bytes]
 ) -> tuple[Any, bool]:
     # A connection dropped after the command was sent (a restarted server, a
     # socket closed by a proxy or by the server's idle timeout) is retried
@@ -412,13 +410,13 @@ def _evalsha_on_own_connection(
             raise AcquireError(exc, maybe_applied=attempt > 1) from exc
         try:
             try:
-                connection.send_packed_command([_packed(head, *parts)], check_health=False)
+                connection.send_packed_command(command, check_health=False)
                 return connection.read_response(), attempt > 1
             except NoScriptError:
                 # A restarted server or a SCRIPT FLUSH: load it, run it again.
                 connection.send_command("SCRIPT", "LOAD", script.script, check_health=False)
                 connection.read_response()
-                connection.send_packed_command([_packed(head, *parts)], check_health=False)
+                connection.send_packed_command(command, check_health=False)
                 return connection.read_response(), attempt > 1
         except redis.ConnectionError as exc:
             connection.disconnect()

@@ -30,7 +30,7 @@ from .execution import (
 )
 from .holders import take_over_if_finished
 from .ids import new_task_id
-from .keys import call_digest, format_key
+from .keys import call_digest, key_head
 from .lock import AcquireError, LockStore, running_marker_key
 from .options import (
     ON_DUPLICATE,
@@ -325,9 +325,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         try:
             store = state.store
         except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
-            raise LockStoreError(self.name, key, f"{type(exc).__name__}: {exc}") from exc
-        backend = self.backend if state.config.check_holder else None
-        check = backend is not None and not isinstance(backend, DisabledBackend)
+            raise LockStoreError.from_error(self.name, key, exc) from exc
         # A caller-chosen id may have run before: its marker says "queued" until
         # it starts, so that a state it stored then is not taken for this run's,
         # and the "done" marker its last run left does not drop this one.
@@ -335,10 +333,12 @@ class UniqueTask(Task):  # type: ignore[misc]
         holder = self._acquire(store, key, task_id, lock_ttl_ms, marker)
         if holder == task_id and chosen_id is None:
             holder = None  # our own command, applied before a dropped connection
-        if holder is not None and holder != task_id and check:
-            holder = take_over_if_finished(
-                store, backend, key, holder, task_id, lock_ttl_ms, unique.until, marker
-            )
+        if holder is not None and holder != task_id and state.config.check_holder:
+            backend = self.backend
+            if backend is not None and not isinstance(backend, DisabledBackend):
+                holder = take_over_if_finished(
+                    store, backend, key, holder, task_id, lock_ttl_ms, unique.until, marker
+                )
         if holder is None:
             return store, key, task_id
         # A refused call someone may wait on: its id was chosen before the call
@@ -364,7 +364,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         heads: dict[tuple[str, str], str] = self.__dict__.setdefault("_unique_key_heads", {})
         head = heads.get((config.key_prefix, queue))
         if head is None:
-            head = heads[(config.key_prefix, queue)] = format_key(config.key_prefix, queue, self.name, "")
+            head = heads[(config.key_prefix, queue)] = key_head(config.key_prefix, queue, self.name)
         return head + digest
 
     def _publish(
@@ -530,7 +530,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                 # is always safe. It runs in the background: against a stalled
                 # server it would wait out a second timeout first.
                 clean_up_later(store, key, task_id)
-            raise LockStoreError(self.name, key, f"{type(exc).__name__}: {exc}") from exc
+            raise LockStoreError.from_error(self.name, key, exc) from exc
 
 
 def _drop_own_headers(options: dict[str, Any]) -> None:
