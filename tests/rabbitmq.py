@@ -49,7 +49,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -65,6 +64,7 @@ import kombu
 from celery import Celery
 
 from celery_unique import UniqueTask
+from tests.reliability_support import celery_worker_process as worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -415,20 +415,6 @@ def worker_env(broker_url: str, result_url: str, lock_url: str, **settings: Any)
 def celery_worker_process(
     env: dict[str, str], log: Path, queue: str = "celery"
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``celery worker --pool=prefork --concurrency=1`` on ``queue``; kill its process group on exit."""
-    args = [
-        sys.executable, "-m", "celery", "-A", "tests.rabbitmq_app", "worker",
-        "--pool=prefork", "--concurrency=1", "-Q", queue, "--loglevel=INFO",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "-n", f"rabbitmq-{os.getpid()}-{time.monotonic_ns()}@%h",
-    ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            yield process
-        finally:
-            with suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+    """Run a prefork worker of ``tests.rabbitmq_app`` on ``queue``; kill its process group on exit."""
+    with worker_process(env, log, app="tests.rabbitmq_app", queue=queue, name="rabbitmq") as process:
+        yield process

@@ -106,13 +106,20 @@ def worker_env(broker_url: str, lock_url: str, scratch_url: str, *, acks_late: b
 
 
 @contextmanager
-def celery_worker_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``celery worker --pool=prefork --concurrency=1`` and kill its process group on exit."""
+def celery_worker_process(
+    env: dict[str, str],
+    log: Path,
+    *,
+    app: str = "tests.reliability_app",
+    queue: str = QUEUE,
+    name: str = "reliability",
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a prefork worker (concurrency 1) of ``app`` on ``queue``; kill its process group on exit."""
     args = [
-        sys.executable, "-m", "celery", "-A", "tests.reliability_app", "worker",
-        "--pool=prefork", "--concurrency=1", "-Q", QUEUE, "--loglevel=INFO",
+        sys.executable, "-m", "celery", "-A", app, "worker",
+        "--pool=prefork", "--concurrency=1", "-Q", queue, "--loglevel=INFO",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "-n", f"reliability-{os.getpid()}-{time.monotonic_ns()}@%h",
+        "-n", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
     ]
     with log.open("wb") as out:
         # A session of its own, so the master and its pool children die together.
