@@ -171,7 +171,7 @@ class Run:
                 self.key, self.marker, self.running, leave, done_ttl_ms, self.task_id if release else ""
             )
         except redis.RedisError as exc:
-            _warn_release_failed(self.task, self.task_id, self.key, exc)
+            warn_release_failed(self.task, self.task_id, self.key, exc)
 
     def abandon(self) -> None:
         """Stop renewing the marker of a run whose body raised a BaseException that is not an Exception.
@@ -198,7 +198,7 @@ class Run:
         try:
             self.store.release(self.key, self.task_id)
         except redis.RedisError as exc:
-            _warn_release_failed(self.task, self.task_id, self.key, exc)
+            warn_release_failed(self.task, self.task_id, self.key, exc)
 
 
 def marker_owner(hostname: str | None, pid: int | None) -> str:
@@ -282,7 +282,8 @@ def second_copy(task: Task, run: Run, verdict: str, args: Any, kwargs: Any) -> I
     return Ignore("celery_unique: this attempt of the task has already run")
 
 
-def _warn_release_failed(task: Task, task_id: str, key: str, exc: Exception) -> None:
+def warn_release_failed(task: Task, task_id: str, key: str, exc: Exception) -> None:
+    """Log that ``task_id``'s lock could not be released, and that its TTL will free it."""
     logger.warning(
         "celery_unique: could not release lock %s of task %s[%s] (%s); its TTL will free it",
         key, task.name, task_id, exc,

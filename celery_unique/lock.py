@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -333,6 +333,13 @@ return false
         ]
         return _text(self._take_over(keys=keys, args=args))
 
+    def release_unless_running(self, key: str, task_id: str, *, revoked: bool = False) -> None:
+        """Delete the lock if ``task_id`` holds it and no copy of it runs (its running marker says so).
+
+        ``revoked``: as for :meth:`take_over`.
+        """
+        self.take_over(key, task_id, "", 0, result_may_be_stale=False, revoked=revoked)
+
     def holder(self, key: str) -> str | None:
         """Return the id of the task holding the lock, or None."""
         return _text(self.client.get(key))
@@ -345,11 +352,6 @@ return false
         """Return the lock's remaining life in milliseconds, or None if it is gone."""
         ttl = int(self.client.pttl(key))
         return None if ttl == -2 else ttl
-
-    def scan(self, match: str, count: int = 1000) -> Iterator[str]:
-        """Yield the keys matching the glob ``match`` (SCAN, never KEYS)."""
-        for key in self.client.scan_iter(match=match, count=count, _type="string"):
-            yield key.decode() if isinstance(key, bytes) else str(key)
 
 
 class _OwnConnections:

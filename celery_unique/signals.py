@@ -36,7 +36,16 @@ from celery.signals import (
 )
 from celery.utils.dispatch import Signal
 
-from .execution import LOCK_HEADER, RUN_ATTR, UNTIL_HEADER, Run, begin_run, lock_of, worker_state
+from .execution import (
+    LOCK_HEADER,
+    RUN_ATTR,
+    UNTIL_HEADER,
+    Run,
+    begin_run,
+    lock_of,
+    warn_release_failed,
+    worker_state,
+)
 
 __all__ = ["LOCK_HEADER", "UNTIL_HEADER", "in_beat", "task_duplicate"]
 
@@ -137,8 +146,9 @@ def _on_postrun(task_id: str | None = None, state: str | None = None, retval: An
 
 def _on_failure(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
     # task_failure means a final failure: a retry raises Retry instead.
-    if task_id and _plain_key(task_id) in _plain_runs:
-        _end_plain(task_id, "failure")
+    run = _pop_plain(task_id)
+    if run is not None:
+        run.end("failure")
         return
     if sender is None:
         return
@@ -179,12 +189,9 @@ def _on_revoked(
             sender.name, request.id, signum, carried[0],
         )
         return
-    if terminated:
-        _release(sender, carried[0], request.id)
-    else:
-        # A message discarded as revoked or expired may be a copy of the same
-        # task id (redelivered, or deferred) while another copy still runs.
-        _release_unless_running(sender, carried[0], request.id)
+    # A message discarded as revoked or expired (not terminated) may be a copy
+    # of the same task id (redelivered, or deferred) while another copy runs.
+    _release(sender, carried[0], request.id, unless_running=not terminated)
 
 
 def _is_fatal(signum: Any) -> bool:
@@ -199,31 +206,18 @@ def _is_fatal(signum: Any) -> bool:
         return True  # unknown: as a kill
 
 
-def _release_unless_running(task: Task, key: str, task_id: str) -> None:
-    """Release ``task_id``'s lock unless a copy of it runs (its running marker says so)."""
+def _release(task: Task, key: str, task_id: str, *, unless_running: bool = False) -> None:
+    """Release ``task_id``'s lock, owner-checked; with ``unless_running``, not while a copy of it runs."""
     state = worker_state(task)
     if state is None:
         return
     try:
-        state.store.take_over(key, task_id, "", 0, result_may_be_stale=False)
+        if unless_running:
+            state.store.release_unless_running(key, task_id)
+        else:
+            state.store.release(key, task_id)
     except redis.RedisError as exc:
-        logger.warning(
-            "celery_unique: could not release lock %s of task %s[%s] (%s); its TTL will free it",
-            key, task.name, task_id, exc,
-        )
-
-
-def _release(task: Task, key: str, task_id: str) -> None:
-    state = worker_state(task)
-    if state is None:
-        return
-    try:
-        state.store.release(key, task_id)
-    except redis.RedisError as exc:
-        logger.warning(
-            "celery_unique: could not release lock %s of task %s[%s] (%s); its TTL will free it",
-            key, task.name, task_id, exc,
-        )
+        warn_release_failed(task, task_id, key, exc)
 
 
 # Connected once, at import: the receivers act only on tasks whose message

@@ -162,9 +162,7 @@ class _RevokeWatcher(threading.Thread):
         # as every release, and never under another copy of the same task id
         # that runs (a deferred copy waiting here while the first runs on).
         try:
-            app_state(self.app).store.take_over(
-                key, task_id, "", 0, result_may_be_stale=False, revoked=True
-            )
+            app_state(self.app).store.release_unless_running(key, task_id, revoked=True)
         except (redis.RedisError, ConfigurationError) as exc:
             logger.warning(
                 "celery_unique: could not release lock %s of revoked task %s (%s)", key, task_id, exc
