@@ -9,27 +9,21 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-from celery import VERSION
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 __all__ = [
     "BEAT_HEADER",
-    "BEAT_MARKS_ITS_TASKS",
     "CLUSTER_RETRIES_FROM_RETRY",
     "cluster_retry_options",
     "waiting_requests",
 ]
 
-#: The message header Celery beat puts on the tasks it sends.
+#: The message header Celery beat puts on the tasks it sends, from Celery 5.7
+#: on. Beat is recognised on every version by its own thread (``beat_init``);
+#: the header also lets a call made outside beat's thread, e.g. by a test
+#: driving ``Scheduler.apply_async`` itself, be treated as beat's.
 BEAT_HEADER = "celery_beat_task"
-
-#: Whether this Celery's beat sets :data:`BEAT_HEADER` itself (5.7 and later).
-#: Beat is recognised on every version by its own thread (``beat_init``); the
-#: header also lets a call made outside beat's thread, e.g. by a test driving
-#: ``Scheduler.apply_async`` itself, be treated as beat's.
-BEAT_MARKS_ITS_TASKS: bool = (VERSION.major, VERSION.minor) >= (5, 7)
-
 
 #: Whether this redis-py's ``RedisCluster`` takes how often it retries a
 #: failed command from its ``retry`` (6.0 and later). Before 6.0 that count is

@@ -235,20 +235,19 @@ class StoreTarget:
 
     def _with_options(self, app: Celery, config: UniqueConfig) -> StoreTarget:
         connection = dict(self.address.connection)
-        tls = self.address.tls
-        if self.inherited:
-            tls = _inherit_broker_tls(app, self.address, connection) or tls
+        tls = _inherit_broker_tls(app, self.address, connection) if self.inherited else self.address.tls
         options = dict(config.redis_options)
         options_name = setting_name(app, "unique_redis_options")
-        wants_tls = any(key.startswith("ssl") for key in (*connection, *options))
+        options_tls = any(key.startswith("ssl") for key in options)
+        wants_tls = options_tls or any(key.startswith("ssl") for key in connection)
         if self.address.sentinels and wants_tls:
-            source = options_name if any(key.startswith("ssl") for key in options) else self.address.setting
+            source = options_name if options_tls else self.address.setting
             raise ConfigurationError(
                 f"{source}: TLS to Sentinel-managed Redis is not supported by the lock store "
                 f"({redact(self.address.url)!r}); set {setting_name(app, 'unique_redis_url')} "
                 "to a rediss:// URL instead"
             )
-        if any(key.startswith("ssl") for key in options):
+        if options_tls:
             if not tls:
                 raise ConfigurationError(
                     f"{options_name} has TLS options ({', '.join(sorted(options))}) but the lock "

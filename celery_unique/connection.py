@@ -96,7 +96,11 @@ class _LockStoreCluster(RedisCluster):
         try:
             return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
         except RedisClusterException as exc:
-            raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
+            raise _as_redis_error(exc) from exc
+
+
+def _as_redis_error(exc: RedisClusterException) -> ClusterError:
+    return ClusterError(f"{type(exc).__name__}: {exc}")
 
 
 def _cluster(target: StoreTarget, kwargs: dict[str, Any]) -> RedisCluster:
@@ -112,4 +116,4 @@ def _cluster(target: StoreTarget, kwargs: dict[str, Any]) -> RedisCluster:
         )
     except RedisClusterException as exc:
         # Building the client reads the slot map from the seed node.
-        raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
+        raise _as_redis_error(exc) from exc

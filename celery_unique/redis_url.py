@@ -32,7 +32,14 @@ from redis.connection import parse_url as redis_parse_url
 
 from .errors import ConfigurationError
 
-__all__ = ["RedisAddress", "check_tls_options", "parse_redis_url", "redact"]
+__all__ = [
+    "SERVER_SCHEMES",
+    "RedisAddress",
+    "check_connection_options",
+    "check_tls_options",
+    "parse_redis_url",
+    "redact",
+]
 
 #: Schemes that name one Redis server (kombu's ``redis+socket`` and ``socket``
 #: as well as redis-py's ``unix``).

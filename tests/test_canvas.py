@@ -12,8 +12,9 @@ from celery import Celery, chain, chord, group
 from celery.beat import ScheduleEntry, Scheduler
 
 from celery_unique import DuplicateTaskError, UniqueTask, send_unique
-from celery_unique.compat import BEAT_HEADER, BEAT_MARKS_ITS_TASKS
+from celery_unique.compat import BEAT_HEADER
 from tests.conftest import wait_until
+from tests.versions import CELERY_57
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_beat_duplicate_is_logged_not_raised(
     """Beat sends a unique entry once; the next tick's duplicate is an INFO line, not an error."""
     scheduler = Scheduler(celery_app, lazy=True)
     options: dict[str, Any] = {"unique": 300}
-    if not BEAT_MARKS_ITS_TASKS:
+    if not CELERY_57:
         # Driven from this thread, not beat's own (which beat_init marks):
         # before Celery 5.7 beat puts no header on its tasks, so the entry does.
         options["headers"] = {BEAT_HEADER: True}
