@@ -258,16 +258,14 @@ return released
             names = self._names_seen[escaped] = (queue, task_name)
         return names
 
-    def _check_key(self, key: str) -> tuple[str, str]:
+    def _check_key(self, key: str) -> None:
         if not isinstance(key, str):
             raise TypeError(f"a lock key is a string, not {type(key).__name__} {key!r}")
-        names = self._names(key)
-        if names is None:
+        if self._names(key) is None:
             raise ValueError(
                 f"{key!r} is not a lock key of this app: expected "
                 f"'{self._prefix}:<queue>:<task name>:<digest>'"
             )
-        return names
 
     # -- the store ----------------------------------------------------------
 

@@ -115,7 +115,11 @@ def _full_task_name(ctx: click.Context, param: click.Parameter, name: str | None
     )
 
 
-def _echo_table(locks: list[LockInfo], chunk: int = 1000) -> None:
+#: Lines of the lock table printed per write.
+_TABLE_CHUNK = 1000
+
+
+def _echo_table(locks: list[LockInfo]) -> None:
     """Print ``locks`` as a table aligned on its widest cells, a chunk of lines at a time."""
     header = ("TASK", "QUEUE", "HOLDER", "TTL", "KEY")
     widths = [
@@ -126,10 +130,10 @@ def _echo_table(locks: list[LockInfo], chunk: int = 1000) -> None:
     ]
     line = "  ".join(f"{{:<{width}}}" for width in widths) + "  {}"
     click.echo(line.format(*header))
-    for start in range(0, len(locks), chunk):
+    for start in range(0, len(locks), _TABLE_CHUNK):
         click.echo("\n".join(
             line.format(lock.task_name, lock.queue, lock.task_id, _ttl(lock.ttl), lock.key)
-            for lock in locks[start:start + chunk]
+            for lock in locks[start:start + _TABLE_CHUNK]
         ))
 
 
