@@ -108,7 +108,9 @@ def test_locks_live_on_the_primary_through_sentinel(
             assert first.get(timeout=10) == "report 1"
             # The release runs in task_success, just after the result is stored.
             wait_until(lambda: not primary.exists(key), 5, "the lock to be released")
-            again = report.apply_async((1,), unique=60)
+            # A countdown keeps the running worker from finishing it (and
+            # releasing its lock) before the lock is read.
+            again = report.apply_async((1,), unique=60, countdown=1)
             assert primary.get(key) == again.id.encode()
             assert again.get(timeout=10) == "report 1"
             wait_until(lambda: not primary.exists(key), 5, "the second lock to be released")
@@ -312,6 +314,7 @@ def test_release_after_failover_reaches_the_new_primary(redis_server: RedisServe
             # The worker's pooled connection went to the old primary: the
             # release must have reconnected through the Sentinels.
             wait_until(lambda: not new_primary.exists(key), 10, "the release on the new primary")
+            scratch.delete("go:t1")  # the second run waits for its own go
             again = until_go.apply_async(("t1",), unique=120)
             assert new_primary.get(key) == again.id.encode()
             scratch.set("go:t1", 1)
