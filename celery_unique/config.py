@@ -108,6 +108,11 @@ class UniqueConfig:
             raise ConfigurationError(
                 f"{name('unique_key_prefix')} must be a non-empty string, not {prefix!r}"
             )
+        if not _whole_hash_tag(prefix):
+            raise ConfigurationError(
+                f"{name('unique_key_prefix')} may hold braces only as a whole Redis Cluster hash "
+                f"tag, such as '{{locks}}': {prefix!r} would put a lock and its marker in different slots"
+            )
         timeout = conf.get("unique_redis_socket_timeout", cls.socket_timeout)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigurationError(
@@ -168,6 +173,18 @@ class UniqueConfig:
             running_ttl=float(running_ttl),
             check_holder=check_holder,
         )
+
+
+def _whole_hash_tag(prefix: str) -> bool:
+    # Redis hashes the part between the first "{" and the next "}" when it is
+    # not empty. A lock key "<prefix>:..." and its marker "<prefix>:run:{<lock
+    # key>}:..." share a slot when the prefix has no brace, or when its first
+    # "{" opens a non-empty tag before any "}".
+    if "{" not in prefix and "}" not in prefix:
+        return True
+    start = prefix.find("{")
+    end = prefix.find("}", start + 1) if start >= 0 else -1
+    return start >= 0 and end > start + 1 and "}" not in prefix[:start]
 
 
 @dataclass(frozen=True)
@@ -352,6 +369,20 @@ class _AppState:
         self._app = app
         self._target: StoreTarget | None = None
         self._store: LockStore | None = None
+        self._redelivery_window: float | None = None
+
+    @property
+    def redelivery_window(self) -> float:
+        """Seconds a message may stay unacknowledged before the broker can deliver a copy of it.
+
+        The visibility timeout of a transport that has one (Redis, SQS),
+        from ``broker_transport_options`` or the transport's default; 0 for
+        a broker that redelivers an unacknowledged message whenever its
+        connection drops (RabbitMQ), so that a copy may appear at any time.
+        """
+        if self._redelivery_window is None:
+            self._redelivery_window = _redelivery_window(self._app)
+        return self._redelivery_window
 
     @property
     def target(self) -> StoreTarget:
@@ -376,6 +407,25 @@ class _AppState:
                 if self._store is None:
                     self._store = LockStore(connect(self.target, self.config.socket_timeout))
         return self._store
+
+
+def _redelivery_window(app: Celery) -> float:
+    try:
+        connection = app.connection_for_read()
+        try:
+            channel = getattr(connection.transport, "Channel", None)
+            options = connection.transport_options or {}
+        finally:
+            connection.release()
+    except Exception:  # an unusable broker setting: the worker says so itself
+        return 0.0
+    default = getattr(channel, "visibility_timeout", None) or getattr(
+        channel, "default_visibility_timeout", None
+    )
+    if not isinstance(default, (int, float)):
+        return 0.0
+    timeout = options.get("visibility_timeout", default)
+    return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else float(default)
 
 
 def app_state(app: Celery) -> _AppState:

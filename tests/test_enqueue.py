@@ -231,16 +231,18 @@ def test_lock_store_is_one_client_per_app(celery_app: Celery, tasks: SimpleNames
     )
 
 
-def test_retry_message_is_published_unchecked(
+def test_retries_option_from_outside_the_run_is_checked(
     tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
 ) -> None:
-    """A retry (retries > 0) is never checked: it is published even if another id holds the lock."""
-    tasks.send_report.apply_async((42,), unique=60, task_id="newcomer")
-    retried = tasks.send_report.apply_async((42,), unique=60, task_id="original", retries=1)
-    assert retried.id == "original"
-    assert queued(broker) == 2
-    (key,) = locks.keys("*")
-    assert locks.get(key) == b"newcomer"
+    """Passing retries= from outside the task's run continues no lock: the holder's own id is refused."""
+    held = tasks.send_report.apply_async((42,), unique=60)
+    for task_id in (held.id, "another"):
+        with pytest.raises(DuplicateTaskError) as info:
+            tasks.send_report.apply_async((42,), unique=60, task_id=task_id, retries=1)
+        assert info.value.task_id == held.id
+    assert queued(broker) == 1
+    (key,) = locks.keys("unique:*:*:*")
+    assert locks.get(key) == held.id.encode()
 
 
 def test_generated_task_ids_are_uuid4_strings() -> None:
