@@ -2,12 +2,13 @@
 # make demo  - run the example project against a throwaway Redis and worker
 # make lint  - ruff and mypy --strict
 # make matrix - the suite on Python 3.10-3.13 and on the oldest supported Celery/redis-py (tox.ini)
+# make dist  - build the sdist and wheel into dist/ and check them with twine
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench matrix clean
+.PHONY: test demo lint bench matrix dist clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,13 @@ MATRIX_SKIP_MISSING := $(if $(CI),false,true)
 matrix: $(STAMP)
 	PATH="$(MATRIX_PATH)$(if $(MATRIX_PATH),:)$$PATH" REDIS_SERVER="$(REDIS_SERVER)" \
 		TEST_XDIST="$(XDIST)" $(BIN)/tox run --skip-missing-interpreters $(MATRIX_SKIP_MISSING) $(TOX_ARGS)
+
+# python -m build makes the sdist, then the wheel from the unpacked sdist, so
+# a file the wheel needs but MANIFEST.in leaves out fails here.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 demo: $(STAMP)
 	$(BIN)/python -m example_project.demo
