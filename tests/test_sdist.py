@@ -56,7 +56,9 @@ def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert build.returncode == 0, build.stdout + build.stderr
     archive = base / build.stdout.strip().splitlines()[-1]
     with tarfile.open(archive) as tar:
-        tar.extractall(base / "unpacked", filter="data")
+        # The safe filter where this Python has one (3.10.12+, 3.11.4+).
+        tar.extraction_filter = getattr(tarfile, "data_filter", None)
+        tar.extractall(base / "unpacked")
     (unpacked,) = (base / "unpacked").iterdir()
     return unpacked
 
@@ -70,17 +72,12 @@ def test_sdist_holds_the_suite_and_what_it_reads(sdist: Path) -> None:
 
 
 def test_suite_collects_from_the_sdist(sdist: Path) -> None:
-    """pytest, run in the unpacked sdist, imports every test module and collects the whole suite."""
+    """pytest, run in the unpacked sdist, imports every test module of this tree without an error."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
-    here = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )
-    there = subprocess.run(
+    collect = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist", "-p", "no:cacheprovider"],
         cwd=sdist, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
-    assert there.returncode == 0, there.stdout + there.stderr
-    assert here.returncode == 0, here.stdout + here.stderr
-    collected = [line for line in there.stdout.splitlines() if "::" in line]
-    assert collected == [line for line in here.stdout.splitlines() if "::" in line]
+    assert collect.returncode == 0, collect.stdout + collect.stderr
+    modules = {line.split("::")[0] for line in collect.stdout.splitlines() if "::" in line}
+    assert modules == {f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py")}
