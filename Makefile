@@ -2,16 +2,18 @@
 # make demo  - run the example project against a throwaway Redis and worker
 # make lint  - ruff and mypy --strict
 # make matrix - the suite on Python 3.10-3.13 and on the oldest supported Celery/redis-py (tox.ini)
+# make docs  - build the documentation site into docs/_build/html (warnings are errors)
+# make dist  - build the sdist and wheel into dist/ and check them with twine
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench matrix clean
+.PHONY: test demo lint bench matrix docs dist clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	$(BIN)/python -m pip install -q -e '.[test,dev,docs]'
 	touch $(STAMP)
 
 # Test files run in TEST_JOBS processes at once (pytest-xdist), each with a
@@ -25,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check celery_unique tests $(wildcard example_project benchmarks)
+	$(BIN)/ruff check celery_unique tests $(wildcard example_project benchmarks docs/conf.py)
 	$(BIN)/mypy --strict celery_unique
 
 # tox finds python3.10 ... python3.13 on PATH. pyenv's shims answer only for
@@ -42,6 +44,18 @@ matrix: $(STAMP)
 	PATH="$(MATRIX_PATH)$(if $(MATRIX_PATH),:)$$PATH" REDIS_SERVER="$(REDIS_SERVER)" \
 		TEST_XDIST="$(XDIST)" $(BIN)/tox run --skip-missing-interpreters $(MATRIX_SKIP_MISSING) $(TOX_ARGS)
 
+# A fresh build (-E) each time, so that a warning in a page that did not
+# change still fails; -n warns about every reference that does not resolve.
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -n -E -b html docs docs/_build/html
+
+# python -m build makes the sdist, then the wheel from the unpacked sdist, so
+# a file the wheel needs but MANIFEST.in leaves out fails here.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
 demo: $(STAMP)
 	$(BIN)/python -m example_project.demo
 
@@ -50,4 +64,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.enqueue $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .tox build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .tox build dist docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -180,7 +180,7 @@ return released
 
         A holder has finished when the result backend says so for its task's
         ``unique_until`` (SUCCESS or REVOKED; FAILURE too under "finish" or
-        "start") and no copy of it runs (see :mod:`celery_unique.holders`):
+        "start") and no copy of it runs (see ``celery_unique.holders``):
         its release was missed, e.g. it ran on a worker that does not import
         celery_unique. Each release is atomic and owner-checked. Needs a
         result backend.
@@ -205,7 +205,7 @@ return released
 
         ``queues`` defaults to every task queue the app knows. Messages a worker
         has received (running, reserved, or waiting for an eta) are not in the
-        queues, so their locks stay (see :mod:`celery_unique.purge`).
+        queues, so their locks stay (see ``celery_unique.purge``).
         """
         names = queue_names(self.app, queues, exclude)
         with self._errors(None, ", ".join(names)):

@@ -181,7 +181,7 @@ class LockDatabase(redis.Redis):
 
     While a task runs, and for a short while after, its worker keeps a running
     marker beside its lock (``{<lock key>}:run:<task id>``, see
-    :mod:`celery_unique.lock`); tests that count locks look past them.
+    ``celery_unique.lock``); tests that count locks look past them.
     ``LockDatabase.from_url(url)`` works as for ``redis.Redis``.
     """
 

@@ -19,7 +19,7 @@ def queued(broker: redis.Redis, queue: str = "celery") -> int:
 
 
 def test_quick_start(tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis) -> None:
-    """The README example: a second identical enqueue names the holder and publishes nothing."""
+    """The quick start: a second identical enqueue names the holder and publishes nothing."""
     r = tasks.send_report.apply_async((42,), unique=3600)
     with pytest.raises(DuplicateTaskError) as info:
         tasks.send_report.apply_async((42,), unique=3600)

@@ -1,7 +1,7 @@
 """Where a lock's life meets Celery's edges: reused ids, replace in canvases, retries, time limits, pools.
 
 Real ``celery worker`` subprocesses (``tests/lifecycle_app.py``), as in
-``tests/test_lifecycle.py``. Each test says when the README promises the
+``tests/test_lifecycle.py``. Each test says when docs/semantics.md promises the
 lock goes, and checks that it goes then: not while the task can still run,
 and not only when its TTL runs out.
 """
