@@ -33,7 +33,7 @@ import redis
 from redis.exceptions import NoScriptError
 from redis.sentinel import SentinelConnectionPool
 
-__all__ = ["AcquireError", "LockStore", "attempt_of", "running_marker_key"]
+__all__ = ["AcquireError", "LockStore", "attempt_of", "marker_says_running", "running_marker_key"]
 
 
 class AcquireError(Exception):
@@ -444,3 +444,10 @@ def _text(value: Any) -> str | None:
 def attempt_of(retries: Any, nesting: Any) -> str:
     """Return the attempt string of a request: ``"<replace nesting>|<retries>"``."""
     return f"{int(nesting or 0)}|{int(retries or 0)}"
+
+
+def marker_says_running(marker: Any) -> bool:
+    """Whether the running marker value ``marker`` (as stored, or None) says a copy of its task runs."""
+    if isinstance(marker, bytes):
+        return marker.startswith(b"run|")
+    return isinstance(marker, str) and marker.startswith("run|")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,10 +18,12 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.contrib.testing.worker import start_worker
 
-from celery_unique import LockStoreError, UniqueLocks, UniqueTask
+from celery_unique import LockStatus, LockStoreError, UniqueLocks, UniqueTask
 from celery_unique.cli import _plural
 from celery_unique.config import describe_store
+from celery_unique.lock import running_marker_key
 from celery_unique.testing import RedisServer, clear_locks
 from tests.cluster_support import LocalCluster
 from tests.conftest import wait_until
@@ -273,6 +278,180 @@ def test_clear_locks_fixture(
     assert locks.dbsize() == 0
     tasks.send_report.apply_async((1,), unique=60)
     assert clear_locks(request.getfixturevalue("celery_app")) == 1
+
+
+@pytest.fixture
+def tagged_app(redis_server: RedisServer) -> Celery:
+    """An app whose key prefix is a hash tag, "{locks}": its running markers match its SCAN pattern."""
+    app = Celery("tagged", set_as_current=False)
+    app.conf.update(
+        broker_url=redis_server.url(0), result_backend=redis_server.url(1),
+        unique_redis_url=redis_server.url(2), unique_key_prefix="{locks}",
+        broker_connection_retry_on_startup=False,
+    )
+    app.task(base=UniqueTask, name="tests.send_report", shared=False)(_report)
+    return app
+
+
+def test_running_markers_are_not_locks(tagged_app: Celery, redis_server: RedisServer) -> None:
+    """count, list, describe and clear skip running markers, also when the SCAN pattern matches them."""
+    task = tagged_app.tasks["tests.send_report"]
+    for i in range(3):
+        task.apply_async((i,), unique=60)
+    admin = UniqueLocks(tagged_app)
+    store = redis_server.client(2)
+    for lock in admin.list():
+        store.set(running_marker_key(lock.key, lock.task_id), "run|0|0|worker/1", px=60_000)
+    assert len(list(store.scan_iter(match="{locks}:*:*:*"))) == 6  # what the admin's SCAN finds
+    assert admin.count() == 3
+    assert len(admin.list()) == 3
+    assert [status.running for status in admin.describe()] == [True] * 3
+    assert admin.clear() == 3
+    assert store.dbsize() == 3  # the markers, left to their TTL
+
+
+# -- describe: age and holder state ---------------------------------------------
+
+
+@pytest.fixture
+def gate(celery_app: Celery) -> Iterator[threading.Event]:
+    """A task, tests.gated, that runs until the test opens the gate (at the latest when it ends)."""
+    opened = threading.Event()
+
+    @celery_app.task(base=UniqueTask, name="tests.gated")
+    def gated(user_id: int) -> int:
+        opened.wait(30)
+        return user_id
+
+    yield opened
+    opened.set()
+
+
+@pytest.fixture
+def gated_worker(celery_app: Celery, tasks: SimpleNamespace, gate: threading.Event) -> Iterator[Any]:
+    """A real worker (solo pool, in a thread) that knows tests.gated too."""
+    with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=20) as w:
+        yield w
+        gate.set()
+
+
+def test_describe_tells_what_each_holder_is_doing(
+    celery_app: Celery, tasks: SimpleNamespace, gated_worker: Any, locks: redis.Redis
+) -> None:
+    """describe() gives each lock's age and its holder's stored state, and says which holder runs."""
+    before = time.time()
+    failed = tasks.fail.apply_async((1,), unique=60)  # unique_until="success": kept on FAILURE
+    done = tasks.send_report.apply_async((2,), unique=60)
+    wait_until(lambda: failed.state == "FAILURE" and done.state == "SUCCESS", what="both ended")
+    # A release that never happened (a worker without celery_unique): put it back.
+    locks.set(tasks.send_report.lock_key((2,), None, {}), done.id, px=60_000)
+    queued = tasks.send_report.apply_async((3,), unique=60, queue="nobody")
+    chosen = tasks.send_report.apply_async((4,), unique=60, queue="nobody", task_id="report-4")
+    running = celery_app.tasks["tests.gated"].apply_async((5,), unique=60)
+    admin = UniqueLocks(celery_app)
+    wait_until(lambda: any(s.running for s in admin.describe()), what="the gated task to run")
+    after = time.time()
+    statuses = {status.task_id: status for status in admin.describe()}
+    assert {task_id: (s.state, s.running) for task_id, s in statuses.items()} == {
+        failed.id: ("FAILURE", False),
+        done.id: ("SUCCESS", False),
+        queued.id: ("PENDING", False),
+        chosen.id: ("PENDING", False),
+        running.id: ("PENDING", True),  # task_track_started is off: the marker tells
+    }
+    assert statuses["report-4"].issued_at is None
+    assert statuses["report-4"].age is None
+    for task_id in (failed.id, done.id, queued.id, running.id):
+        status = statuses[task_id]
+        assert status.issued_at is not None
+        assert before - 0.001 <= status.issued_at.timestamp() <= after
+        assert status.age is not None
+        assert 0 <= status.age <= time.time() - before + 0.001
+    listed = {lock.task_id: lock for lock in admin.list()}
+    assert statuses["report-4"][:4] == listed["report-4"][:4]  # LockInfo's fields first, in order
+
+
+def test_describe_reads_states_in_one_round_trip(redis_server: RedisServer) -> None:
+    """describe() reads the states of a batch's holders with one MGET, never a GET per holder."""
+    with RedisServer() as results:
+        app = Celery("batched", set_as_current=False)
+        app.conf.update(
+            broker_url=redis_server.url(0), result_backend=results.url(1),
+            unique_redis_url=redis_server.url(2), broker_connection_retry_on_startup=False,
+            task_ignore_result=True,
+        )
+        task = app.task(base=UniqueTask, name="tests.send_report", shared=False)(_report)
+        ids = [task.apply_async((i,), unique=60).id for i in range(30)]
+        for task_id in ids[:10]:
+            app.backend.mark_as_done(task_id, 1)
+        results.client().config_resetstat()
+        statuses = UniqueLocks(app).describe()
+        stats = results.client().info("commandstats")
+    assert sorted(s.state for s in statuses) == ["PENDING"] * 20 + ["SUCCESS"] * 10
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert "cmdstat_get" not in stats
+
+
+def test_describe_without_a_result_backend(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no result backend, describe() leaves states unknown, warns of nothing, and still tells ages."""
+    app = Celery("no_results", set_as_current=False)
+    app.conf.update(
+        broker_url=redis_server.url(0), unique_redis_url=redis_server.url(2),
+        broker_connection_retry_on_startup=False,
+    )
+    task = app.task(base=UniqueTask, name="tests.send_report", shared=False)(_report)
+    task.apply_async((1,), unique=60)
+    with caplog.at_level(logging.WARNING, logger="celery_unique.admin"):
+        (status,) = UniqueLocks(app).describe()
+    assert (status.state, status.running) == (None, False)
+    assert status.age is not None
+    assert caplog.records == []
+
+
+def test_describe_with_the_result_backend_down(
+    redis_server: RedisServer, stopped_server: RedisServer, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A result backend that does not answer leaves every state unknown, in one warning for all batches."""
+    monkeypatch.setattr(UniqueLocks, "BATCH", 5)
+    for backend in (None, stopped_server.url(1)):  # one app takes the locks, the other reads them
+        app = Celery("results_down", set_as_current=False)
+        app.conf.update(
+            broker_url=redis_server.url(0), unique_redis_url=redis_server.url(2),
+            broker_connection_retry_on_startup=False, result_backend=backend,
+        )
+        task = app.task(base=UniqueTask, name="tests.send_report", shared=False)(_report)
+        if backend is None:
+            for i in range(40):
+                task.apply_async((i,), unique=60)
+    with caplog.at_level(logging.WARNING, logger="celery_unique.admin"):
+        statuses = UniqueLocks(app).describe()
+    assert len(statuses) == 40
+    assert {s.state for s in statuses} == {None}
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["the result backend failed"]
+    assert "ConnectionError" in caplog.records[0].getMessage()
+
+
+def test_describe_of_a_lock_that_changed_hands(
+    celery_app: Celery, tasks: SimpleNamespace, locks: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock that changes hands between describe()'s two reads shows its new holder, running unknown."""
+    tasks.send_report.apply_async((1,), unique=60)
+    (key,) = (k.decode() for k in locks.keys("*"))
+    _hand_over_after_read(monkeypatch, locks, key)
+    (status,) = UniqueLocks(celery_app).describe()
+    assert (status.task_id, status.state, status.running, status.age) == ("newcomer", "PENDING", None, None)
+
+
+def test_lock_status_keeps_lock_info_fields_first() -> None:
+    """LockStatus starts with LockInfo's fields, in order, and its four new ones default to unknown."""
+    from celery_unique import LockInfo
+
+    assert LockStatus._fields[:5] == LockInfo._fields
+    status = LockStatus("k", "t", "q", "id", 1.0)
+    assert (status.issued_at, status.age, status.state, status.running) == (None, None, None, None)
 
 
 # -- Redis Cluster with a primary down ----------------------------------------
