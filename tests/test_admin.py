@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,8 +24,9 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_unique import LockStatus, LockStoreError, UniqueLocks, UniqueTask
-from celery_unique.cli import _plural
+from celery_unique.cli import _duration, _plural
 from celery_unique.config import describe_store
+from celery_unique.ids import issued_at
 from celery_unique.lock import running_marker_key
 from celery_unique.testing import RedisServer, clear_locks
 from tests.cluster_support import LocalCluster
@@ -525,7 +529,7 @@ def test_cli_list_release_clear(redis_server: RedisServer, held: SimpleNamespace
     listing = celery_cli(redis_server, "list")
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.splitlines()[0] == f"Lock store: {redis_server.url(2)} (unique_redis_url)"
-    assert listing.stdout.splitlines()[1].split() == ["TASK", "QUEUE", "HOLDER", "TTL", "KEY"]
+    assert listing.stdout.splitlines()[1].split() == ["TASK", "QUEUE", "HOLDER", "AGE", "TTL", "STATE", "KEY"]
     assert held.a.id in listing.stdout
     assert "3 locks held." in listing.stdout
 
@@ -568,16 +572,22 @@ def test_cli_release_refuses_a_key_that_is_not_a_lock(redis_server: RedisServer,
 
 
 @pytest.mark.parametrize(
-    "args", [("list",), ("clear", "--yes"), ("clear",), ("release", "unique:celery:tests.send_report:abc")]
+    "args",
+    [
+        ("list",), ("list", "--json"), ("count",), ("count", "--json"), ("clear", "--yes"), ("clear",),
+        ("release", "unique:celery:tests.send_report:abc"),
+    ],
 )
 def test_cli_lock_store_down_is_one_line(
     redis_server: RedisServer, stopped_server: RedisServer, args: tuple[str, ...]
 ) -> None:
-    """With the lock store stopped, each subcommand prints one `Error:` line and exits 1."""
+    """With the lock store stopped, each subcommand prints one `Error:` line and exits 1, and no JSON."""
     result = celery_cli(redis_server, *args, lock_url=stopped_server.url(2))
     assert result.returncode == 1, result
     assert result.stderr.startswith("Error: the lock store did not answer"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if "--json" in args:
+        assert result.stdout == ""
 
 
 @pytest.mark.parametrize(
@@ -651,6 +661,159 @@ def test_cli_task_short_names(
     assert unregistered.returncode == 0, unregistered.stderr
     assert "Released 1 lock (task tests.fail)." in unregistered.stdout
     assert failing.id not in celery_cli(redis_server, "list").stdout
+
+
+def results_of(server: RedisServer) -> dict[str, Any]:
+    """The CLI app's settings for the suite's result backend."""
+    return {"result_backend": server.url(1)}
+
+
+def table_cells(listing: str) -> dict[str, list[str]]:
+    """Cut the table `unique list` printed into cells by its header's columns, rows keyed by holder.
+
+    Fails unless each column starts at the same place in every row, two spaces after the previous one.
+    """
+    lines = listing.splitlines()
+    header, rows = lines[1], lines[2:-1]
+    starts = [header.index(name) for name in ("QUEUE", "HOLDER", "AGE", "TTL", "STATE", "KEY")]
+    cells = {}
+    for row in rows:
+        assert all(row[start - 2:start] == "  " and row[start] != " " for start in starts), row
+        bounds = [0, *starts, len(row)]
+        cell = [row[a:b].strip() for a, b in itertools.pairwise(bounds)]
+        cells[cell[2]] = cell
+    return cells
+
+
+def test_cli_list_shows_age_ttl_and_state(
+    redis_server: RedisServer, celery_app: Celery, held: SimpleNamespace, locks: redis.Redis
+) -> None:
+    """`unique list` shows each lock's age, TTL and holder state in aligned columns, `-` where unknown."""
+    celery_app.backend.mark_as_done(held.a.id, "report")  # finished, its release missed
+    slow_key = next(k.decode() for k in locks.keys("*") if b"tests.slow" in k)
+    locks.set(running_marker_key(slow_key, held.c.id), "run|0|0|worker/1", px=60_000)
+    chosen = celery_app.tasks["tests.send_report"].apply_async((9,), unique=60, task_id="report-9")
+    listing = celery_cli(redis_server, "list", settings=results_of(redis_server))
+    assert listing.returncode == 0, listing.stderr
+    cells = table_cells(listing.stdout)
+    assert re.fullmatch(r"\d+s", cells[held.a.id][3])  # taken seconds ago
+    assert re.fullmatch(r"5\ds", cells[held.a.id][4])  # unique=60
+    assert cells[held.a.id][5] == "SUCCESS"
+    assert re.fullmatch(r"1m5\ds", cells[held.b.id][4])  # unique=120
+    assert cells[held.b.id][5] == "PENDING"
+    assert cells[held.c.id][1:6:4] == ["odd: queue ü", "PENDING, running"]
+    assert cells[chosen.id][3:6:2] == ["-", "PENDING"]  # a caller's id tells no age
+    assert listing.stdout.splitlines()[-1] == "4 locks held."
+
+    unknown = celery_cli(redis_server, "list")  # no result backend: states unknown
+    states = {holder: cell[5] for holder, cell in table_cells(unknown.stdout).items()}
+    assert states == {held.a.id: "-", held.b.id: "-", held.c.id: "running", chosen.id: "-"}
+
+
+def test_cli_list_json(
+    redis_server: RedisServer, celery_app: Celery, held: SimpleNamespace, locks: redis.Redis
+) -> None:
+    """`unique list --json` prints one JSON document with every field of the table, as raw numbers."""
+    celery_app.backend.mark_as_done(held.a.id, "report")
+    chosen = celery_app.tasks["tests.send_report"].apply_async((9,), unique=60, task_id="report-9")
+    result = celery_cli(
+        redis_server, "list", "--json", "--task", "tests.send_report", "--queue", "celery",
+        settings=results_of(redis_server),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    document = json.loads(result.stdout)
+    assert list(document) == ["lock_store", "filter", "count", "locks"]
+    assert document["lock_store"] == f"{redis_server.url(2)} (unique_redis_url)"
+    assert document["filter"] == {"task_name": "tests.send_report", "queue": "celery"}
+    assert document["count"] == 2
+    by_id = {lock["task_id"]: lock for lock in document["locks"]}
+    made, unknown = by_id[held.a.id], by_id[chosen.id]
+    assert list(made) == [
+        "key", "task_name", "queue", "task_id", "ttl", "issued_at", "age", "state", "running"
+    ]
+    key = next(k.decode() for k in locks.keys("*") if locks.get(k) == held.a.id.encode())
+    assert (made["key"], made["task_name"], made["queue"]) == (key, "tests.send_report", "celery")
+    assert isinstance(made["ttl"], float)
+    assert 0 < made["ttl"] <= 60
+    assert isinstance(made["age"], float)
+    assert made["age"] >= 0
+    issued = datetime.fromisoformat(made["issued_at"])
+    assert issued == issued_at(held.a.id)
+    assert (made["state"], made["running"]) == ("SUCCESS", False)
+    assert (unknown["issued_at"], unknown["age"], unknown["state"]) == (None, None, "PENDING")
+
+    empty = json.loads(celery_cli(redis_server, "list", "--json", "--queue", "none").stdout)
+    assert (empty["count"], empty["locks"]) == (0, [])
+
+
+def test_cli_list_with_the_result_backend_down(
+    redis_server: RedisServer, stopped_server: RedisServer, held: SimpleNamespace
+) -> None:
+    """With the result backend down, `unique list` still lists, states `-`, and warns once on stderr."""
+    for args in (("list",), ("list", "--json")):
+        result = celery_cli(redis_server, *args, settings={"result_backend": stopped_server.url(1)})
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.startswith("Warning: the result backend failed (ConnectionError"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert {lock["state"] for lock in json.loads(result.stdout)["locks"]} == {None}
+
+
+def test_cli_count(redis_server: RedisServer, held: SimpleNamespace, locks: redis.Redis) -> None:
+    """`unique count` counts the locks, filtered, as text or JSON, and leaves running markers out."""
+    slow_key = next(k.decode() for k in locks.keys("*") if b"tests.slow" in k)
+    locks.set(running_marker_key(slow_key, held.c.id), "run|0|0|worker/1", px=60_000)
+    every = celery_cli(redis_server, "count")
+    assert every.returncode == 0, every.stderr
+    store = f"Lock store: {redis_server.url(2)} (unique_redis_url)"
+    assert every.stdout.splitlines() == [store, "3 locks held."]
+    one = celery_cli(redis_server, "count", "--task", "send_report", "--queue", "reports")
+    assert one.returncode == 2  # send_report is ambiguous in the CLI's app
+    one = celery_cli(redis_server, "count", "--task", "tests.send_report", "--queue", "reports")
+    assert one.stdout.splitlines()[-1] == "1 lock held (task tests.send_report, queue reports)."
+    counted = celery_cli(redis_server, "count", "--json", "--task", "slow")
+    assert json.loads(counted.stdout) == {
+        "lock_store": f"{redis_server.url(2)} (unique_redis_url)",
+        "filter": {"task_name": "tests.slow", "queue": None},
+        "count": 1,
+    }
+
+
+def test_cli_reap_and_purge_json(
+    redis_server: RedisServer, celery_app: Celery, held: SimpleNamespace, locks: redis.Redis
+) -> None:
+    """`unique reap --json` and `unique purge --json` print what they released; purge asks on stderr."""
+    celery_app.backend.mark_as_done(held.a.id, "report")
+    reaped = celery_cli(redis_server, "reap", "--json", settings=results_of(redis_server))
+    assert reaped.returncode == 0, reaped.stderr
+    assert json.loads(reaped.stdout) == {
+        "lock_store": f"{redis_server.url(2)} (unique_redis_url)",
+        "filter": {"task_name": None, "queue": None},
+        "released": 1,
+    }
+    assert locks.dbsize() == 2
+
+    declined = celery_cli(redis_server, "purge", "--json", "-Q", "reports", stdin="n\n")
+    assert declined.returncode == 1
+    assert declined.stdout == ""
+    assert "Delete every message of 1 queue (reports)" in declined.stderr
+    purged = celery_cli(redis_server, "purge", "--json", "-Q", "reports", stdin="y\n")
+    assert purged.returncode == 0, purged.stderr
+    assert json.loads(purged.stdout) == {
+        "lock_store": f"{redis_server.url(2)} (unique_redis_url)",
+        "queues": ["reports"], "messages": 1, "released": 1,
+    }
+    assert locks.dbsize() == 1
+    nothing = celery_cli(redis_server, "purge", "--json", "-f", "-Q", "reports", "-X", "reports")
+    assert json.loads(nothing.stdout)["queues"] == []
+
+
+def test_duration() -> None:
+    """Ages and TTLs are spelt in their two largest units, rounded down; unknown is `-`."""
+    seconds = (None, 0, 59.9, 60, 307, 3599.99, 3600, 10_920, 86_399, 86_400, 187_200)
+    assert [_duration(s) for s in seconds] == [
+        "-", "0s", "59s", "1m00s", "5m07s", "59m59s", "1h00m", "3h02m", "23h59m", "1d00h", "2d04h"
+    ]
 
 
 # -- the benchmark ---------------------------------------------------------------
