@@ -829,7 +829,10 @@ def test_admin_benchmark_quick_run(redis_server: RedisServer) -> None:
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 0, result.stderr
-    figures = ("UniqueLocks.list", "UniqueLocks.clear", "celery unique list", "celery unique clear --yes")
+    figures = (
+        "UniqueLocks.list", "UniqueLocks.describe", "UniqueLocks.clear",
+        "celery unique list", "celery unique list --json", "celery unique clear --yes",
+    )
     for figure in figures:
         assert f"{figure}:" in result.stdout, result.stdout
     assert client.dbsize() == 0
