@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .admin import LockInfo, UniqueLocks
+from .admin import LockInfo, LockStatus, UniqueLocks
 from .errors import (
     ConfigurationError,
     DuplicateTaskError,
@@ -28,6 +28,7 @@ __all__ = [
     "DuplicateTaskError",
     "InvalidCallError",
     "LockInfo",
+    "LockStatus",
     "LockStoreError",
     "UniqueLocks",
     "UniqueRequest",

@@ -25,14 +25,23 @@ no newer attempt of it is queued (see ``TAKE_OVER_SCRIPT`` in
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from celery import states
+from celery.backends.base import BaseKeyValueStoreBackend, DisabledBackend
 
 from .lock import LockStore
 
-__all__ = ["FINISHED", "finished", "looks_up_any_task", "stored_state", "take_over_if_finished"]
+__all__ = [
+    "FINISHED",
+    "finished",
+    "looks_up_any_task",
+    "stored_state",
+    "stored_states",
+    "take_over_if_finished",
+]
 
 #: unique_until -> the stored states of a holder that has finished.
 FINISHED: dict[str, frozenset[str]] = {
@@ -80,6 +89,53 @@ def _ms(when: Any) -> int | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return int(when.timestamp() * 1000)
+
+
+def stored_states(backend: Any, task_ids: Iterable[str]) -> dict[str, str]:
+    """Return the state the result backend holds for each of ``task_ids`` whose state it can tell.
+
+    A key-value backend (Redis, memcached, ...) reads them all in one
+    ``mget``; any other backend one by one. An id with nothing stored is
+    PENDING, as Celery reports it. With no result backend, or results that
+    only the caller that sent a task can read (``rpc://``), no state is
+    known: the answer is empty. Raises what the backend raises when it fails.
+    """
+    from celery.backends.rpc import RPCBackend  # not imported on the enqueue path
+
+    ids = [task_id for task_id in dict.fromkeys(task_ids) if task_id]
+    if not ids or isinstance(backend, (DisabledBackend, RPCBackend)):
+        return {}
+    if isinstance(backend, BaseKeyValueStoreBackend):
+        keys = [backend.get_key_for_task(task_id) for task_id in ids]
+        try:
+            values = backend.mget(keys)
+        except NotImplementedError:  # a key-value backend without mget
+            pass
+        else:
+            if isinstance(values, Mapping):  # memcached answers by key
+                values = [values.get(key) for key in keys]
+            read = zip(ids, (_status(backend, value) for value in values), strict=True)
+            return {task_id: state for task_id, state in read if state}
+    found = {}
+    for task_id in ids:
+        state = backend.get_task_meta(task_id, cache=False).get("status")
+        if state:
+            found[task_id] = str(state)
+    return found
+
+
+def _status(backend: Any, payload: Any) -> str | None:
+    """The state in a stored result: PENDING if none is stored, None if it cannot be read."""
+    if not payload:
+        return str(states.PENDING)
+    try:
+        # decode, not decode_result: the state is all that is needed, and
+        # rebuilding a FAILURE's exception may fail in this process.
+        meta = backend.decode(payload)
+    except Exception:  # not a result this app can decode
+        return None
+    state = meta.get("status") if isinstance(meta, dict) else None
+    return str(state) if state else None
 
 
 def finished(state: str | None, until: str) -> bool:

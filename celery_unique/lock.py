@@ -47,7 +47,15 @@ from redis.sentinel import SentinelConnectionPool
 
 from .keys import marker_key
 
-__all__ = ["AcquireError", "Attempt", "LockStore", "Outcome", "attempt_of", "running_marker_key"]
+__all__ = [
+    "AcquireError",
+    "Attempt",
+    "LockStore",
+    "Outcome",
+    "attempt_of",
+    "marker_says_running",
+    "running_marker_key",
+]
 
 #: The key of ``task_id``'s marker under ``lock_key`` (see :func:`celery_unique.keys.marker_key`).
 running_marker_key = marker_key
@@ -646,3 +654,10 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def marker_says_running(marker: Any) -> bool:
+    """Whether the marker value ``marker`` (as stored, or None) says a copy of its task runs."""
+    if isinstance(marker, bytes):
+        return marker.startswith(b"r|")
+    return isinstance(marker, str) and marker.startswith("r|")

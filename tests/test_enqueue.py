@@ -245,8 +245,8 @@ def test_retries_option_from_outside_the_run_is_checked(
     assert locks.get(key) == held.id.encode()
 
 
-def test_generated_task_ids_are_uuid4_strings() -> None:
-    """Ids made before locking are distinct version-4 UUIDs in Celery's spelling."""
+def test_generated_task_ids_are_uuid7_strings() -> None:
+    """Ids made before locking are distinct version-7 UUIDs in Celery's lower-case spelling."""
     import uuid
 
     from celery_unique.ids import new_task_id
@@ -255,7 +255,24 @@ def test_generated_task_ids_are_uuid4_strings() -> None:
     assert len(set(ids)) == len(ids)
     for text in ids:
         parsed = uuid.UUID(text)
-        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, text)
+
+
+def test_generated_task_ids_carry_the_time_they_were_made() -> None:
+    """An id's first 48 bits are the Unix time in ms at which it was made, so ids sort by it."""
+    import time
+
+    from celery_unique.ids import new_task_id
+
+    before = time.time_ns() // 1_000_000
+    first = new_task_id()
+    while time.time_ns() // 1_000_000 == before:  # the next millisecond
+        pass
+    second = new_task_id()
+    after = time.time_ns() // 1_000_000
+    stamps = [int(text.replace("-", "")[:12], 16) for text in (first, second)]
+    assert before <= stamps[0] < stamps[1] <= after
+    assert first < second
 
 
 def test_before_task_publish_never_hears_of_a_refused_call(
