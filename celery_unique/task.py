@@ -32,6 +32,7 @@ from .holders import take_over_if_finished
 from .ids import new_task_id
 from .keys import call_digest, key_head
 from .lock import AcquireError, LockStore, running_marker_key
+from .option_names import check_option_names
 from .options import (
     ON_DUPLICATE,
     OPTION_NAMES,
@@ -113,6 +114,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         ``unique=`` (seconds or ``timedelta``) overrides the task's default
         TTL, and ``unique=None`` turns locking off for this call.
         """
+        check_option_names(self.name, options)
         requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
         if self._carries_own_lock(task_id, options):
             return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
@@ -157,6 +159,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         ``task_always_eager``) run their members with ``apply``: each member
         takes and releases its lock as it would under a worker.
         """
+        check_option_names(self.name, options)
         requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
         call_options = dict(options, headers=headers, retries=retries)
         eager = _eager_lock.get()
