@@ -44,6 +44,7 @@ from .options import (
     check_unique_on,
 )
 from .signals import in_beat, task_duplicate
+from .switch import unlock_if_disabled
 from .ttl import delay_ms, ttl_ms
 
 __all__ = ["LOCK_HEADER", "UniqueTask"]
@@ -115,6 +116,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         TTL, and ``unique=None`` turns locking off for this call.
         """
         check_option_names(self.name, options)
+        unlock_if_disabled(self, options)
         requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
         if self._carries_own_lock(task_id, options):
             return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
@@ -160,6 +162,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         takes and releases its lock as it would under a worker.
         """
         check_option_names(self.name, options)
+        unlock_if_disabled(self, options)
         requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
         call_options = dict(options, headers=headers, retries=retries)
         eager = _eager_lock.get()
