@@ -22,8 +22,10 @@ from celery.contrib.testing.worker import start_worker
 
 from celery_unique import ConfigurationError, DuplicateTaskError, LockStoreError, UniqueTask, config
 from celery_unique.config import app_state
-from celery_unique.testing import RedisServer, free_port
+from celery_unique.testing import RedisServer, eager_tasks, free_port, locking_disabled
 from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB
+
+pytest_plugins = ["pytester"]
 
 WARNING = "celery_unique: locking is disabled ({}): unique tasks are published without locks"
 
@@ -257,6 +259,30 @@ def test_warning_names_the_environment_variable() -> None:
     assert out.splitlines() == ["WARNING " + WARNING.format("environment variable CELERY_UNIQUE_ENABLED=no")]
 
 
+def test_no_warning_when_enabled_or_turned_off_by_the_helpers() -> None:
+    """An enabled app logs nothing, and neither do the testing helpers that turn locking off."""
+    out = run_outside_pytest("""
+        from celery_unique import UniqueTask
+        from celery_unique.testing import eager_tasks, locking_disabled
+
+        app = Celery("a", broker="memory://", set_as_current=False)
+        app.conf.unique_redis_url = "redis://127.0.0.1:1/0"
+
+        @app.task(base=UniqueTask, unique=60, shared=False)
+        def ping(n):
+            return n
+
+        app_state(app)
+        with locking_disabled(app):
+            ping.delay(1)
+        with eager_tasks(app, locks=False):
+            assert ping.delay(2).get() == 2
+        print("done")
+    """)
+    assert "locking is disabled" not in out
+    assert out.splitlines()[-1] == "done"
+
+
 def test_no_warning_under_pytest(
     no_switch_variable: None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -268,3 +294,95 @@ def test_no_warning_under_pytest(
     with caplog.at_level(logging.WARNING, logger="celery_unique"):
         app_state(app)
     assert caplog.records == []
+
+
+# --- the testing helpers -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unreachable_app(no_switch_variable: None) -> Celery:
+    """An app whose broker, result backend and lock store are all on closed ports."""
+    return make_app(closed_port_url(0), closed_port_url(2), closed_port_url(1))
+
+
+def test_eager_tasks_needs_the_lock_store(unreachable_app: Celery) -> None:
+    """Control: eager_tasks(app) clears the locks, so it fails without a lock store."""
+    with pytest.raises(LockStoreError), eager_tasks(unreachable_app):
+        pass
+
+
+def test_eager_tasks_without_locks_needs_no_redis(unreachable_app: Celery) -> None:
+    """eager_tasks(app, locks=False) runs unique tasks, duplicates too, with every Redis unreachable."""
+    task = unreachable_app.tasks["tests.switch"]
+    with eager_tasks(unreachable_app, locks=False):
+        assert task.delay(1).get() == 1
+        assert task.delay(1).get() == 1
+        assert task.apply_async((2,), unique_until="finish").get() == 2
+        with pytest.raises(RuntimeError, match="negative -1"):
+            task.delay(-1)
+        with pytest.raises(ValueError, match="unique must be at least 1 second"):
+            task.apply_async((3,), unique=0.1)
+    assert unreachable_app.conf.task_always_eager is False
+    assert app_state(unreachable_app).config.enabled
+    assert app_state(unreachable_app)._store is None
+
+
+def test_locking_disabled_wins_and_puts_the_switch_back(
+    redis_server: RedisServer, locks: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """locking_disabled(app) turns locking off even against CELERY_UNIQUE_ENABLED=1, until the block ends."""
+    monkeypatch.setenv("CELERY_UNIQUE_ENABLED", "1")
+    app = make_app(redis_server.url(BROKER_DB), redis_server.url(LOCK_DB))
+    with locking_disabled(app) as same:
+        assert same is app
+        enqueue(app)
+        enqueue(app)
+        assert locks.dbsize() == 0
+    enqueue(app)
+    with pytest.raises(DuplicateTaskError):
+        enqueue(app)
+    assert redis_server.client(BROKER_DB).llen("celery") == 3
+
+
+CONFTEST = """
+import pytest
+from celery import Celery
+from celery_unique import UniqueTask
+
+pytest_plugins = ["celery_unique.testing"]
+
+app = Celery("proj", broker="{closed}/0", backend="{closed}/1")
+app.conf.unique_redis_url = "{closed}/2"
+
+
+@app.task(base=UniqueTask, unique=60)
+def ping(n):
+    return n
+
+
+@pytest.fixture(scope="session")
+def celery_unique_app():
+    return app
+"""
+
+FIXTURE_TESTS = """
+from conftest import app, ping
+
+
+def test_runs_eagerly_without_redis(eager_tasks_without_locks):
+    assert eager_tasks_without_locks is app
+    assert ping.delay(1).get() == 1
+    assert ping.delay(1).get() == 1
+
+
+def test_settings_are_back():
+    assert app.conf.task_always_eager is False
+"""
+
+
+def test_fixture_without_locks(pytester: pytest.Pytester) -> None:
+    """The eager_tasks_without_locks fixture runs a project's unique tasks with no Redis reachable."""
+    pytester.makeconftest(CONFTEST.format(closed=f"redis://127.0.0.1:{free_port()}"))
+    pytester.makepyfile(test_project=FIXTURE_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:celery", "-p", "no:django", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
