@@ -24,6 +24,7 @@ from .holders import looks_up_any_task, take_over_if_finished
 from .ids import new_task_id
 from .keys import call_digest, key_head
 from .lock import AcquireError, Attempt, LockStore
+from .option_names import check_option_names
 from .options import (
     ON_DUPLICATE,
     OPTION_NAMES,
@@ -35,6 +36,7 @@ from .options import (
     check_unique_on,
 )
 from .signals import in_beat, task_duplicate
+from .switch import unlock_if_disabled
 from .ttl import delay_ms, ttl_ms
 
 __all__ = ["LOCK_HEADER", "UniqueTask"]
@@ -95,6 +97,8 @@ class UniqueTask(Task):  # type: ignore[misc]
         ``unique=`` (seconds or ``timedelta``) overrides the task's default
         TTL, and ``unique=None`` turns locking off for this call.
         """
+        check_option_names(self.name, options)
+        unlock_if_disabled(self, options)
         requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
         continued = self._continued_run(task_id, options)
         if continued is not None:
@@ -142,6 +146,8 @@ class UniqueTask(Task):  # type: ignore[misc]
         ``task_always_eager``) run their members with ``apply``: each member
         takes and releases its lock as it would under a worker.
         """
+        check_option_names(self.name, options)
+        unlock_if_disabled(self, options)
         requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
         call_options = dict(options, headers=headers, retries=retries)
 
