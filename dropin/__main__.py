@@ -25,12 +25,14 @@ import sys
 import tarfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import celery
+
+from celery_unique.testing import RedisServer
 
 from .compare import RunRecord, differing, report
 
@@ -40,6 +42,11 @@ UNIQUE_TASK = "celery_unique:UniqueTask"
 SUITES = {
     "unit": ("t/unit/tasks", "t/unit/app", "t/unit/worker"),
     "integration": ("t/integration",),
+}
+#: Files the chosen suites leave out: tests of result backends other than Redis
+#: (Azure Blob Storage, SQLAlchemy), whose packages the comparison does not need.
+IGNORED = {
+    "integration": ("t/integration/test_backend.py", "t/integration/test_database_backend.py"),
 }
 #: The sdist's files each run needs: the tests, and Celery's pytest settings.
 SOURCE_PARTS = ("t/", "pyproject.toml")
@@ -77,17 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dropin: unknown suite(s) {unknown or suites}; known: {', '.join(SUITES)}", file=sys.stderr)
         return 2
     paths = [path for name in suites for path in SUITES[name]]
-    workdir: Path = args.workdir / f"celery-{version}"
-    print(f"dropin: Celery {version}'s {', '.join(paths)}, twice: with celery.Task and with {UNIQUE_TASK}")
+    paths += [f"--ignore={path}" for name in suites for path in IGNORED.get(name, ())]
+    workdir: Path = args.workdir / f"celery-{version}" / "+".join(suites)
+    print(f"dropin: Celery {version}'s {' '.join(paths)}, twice: with celery.Task and with {UNIQUE_TASK}")
     seconds: dict[Run, float | None] = {}
-    with _suite_environment(suites) as env:
-        running: list[Job] = []
-        for run in RUNS:
-            running.append(Job.start(run, _unpack(sdist, workdir / run.name), paths, env, args.pytest_args))
-            if args.jobs == 1:
-                seconds[run] = running.pop().wait()
-        for job in running:
-            seconds[job.run] = job.wait()
+    running: list[Job] = []
+    for run in RUNS:
+        resources = ExitStack()
+        env = resources.enter_context(_run_environment(suites))
+        tree = _unpack(sdist, workdir / run.name)
+        running.append(Job.start(run, tree, [*paths, *args.pytest_args], env, resources))
+        if args.jobs == 1:
+            seconds[run] = running.pop().wait()
+    for job in running:
+        seconds[job.run] = job.wait()
     took = {run: wall for run, wall in seconds.items() if wall is not None}
     if len(took) < len(RUNS):
         return 2
@@ -139,23 +149,26 @@ class Job:
     process: subprocess.Popen[bytes]
     log: IO[bytes]
     started: float
+    #: what the run's environment holds open (its redis-server), closed when it ends
+    resources: ExitStack
 
     @classmethod
-    def start(cls, run: Run, tree: Path, paths: list[str], env: dict[str, str], extra: list[str]) -> Job:
-        command = [sys.executable, "-m", "pytest", *paths, "-c", "pyproject.toml", "--rootdir", "."]
-        command += [*PYTEST_OPTIONS, "--dropin-outcomes", OUTCOMES, *extra]
+    def start(cls, run: Run, tree: Path, args: list[str], env: dict[str, str], resources: ExitStack) -> Job:
+        command = [sys.executable, "-m", "pytest", "-c", "pyproject.toml", "--rootdir", ".", *PYTEST_OPTIONS]
+        command += ["--dropin-outcomes", OUTCOMES, *args]
         if run.task_cls:
             command.append(f"--dropin-task-cls={run.task_cls}")
         print(f"dropin: {run.label} run started, log: {tree / 'pytest.log'}", flush=True)
         log = open(tree / "pytest.log", "wb")  # noqa: SIM115 - closed by wait()
         process = subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
-        return cls(run, tree, process, log, time.monotonic())
+        return cls(run, tree, process, log, time.monotonic(), resources)
 
     def wait(self) -> float | None:
         """The run's wall time in seconds, or None if pytest did not run the tests to the end."""
         code = self.process.wait()
         seconds = time.monotonic() - self.started
         self.log.close()
+        self.resources.close()
         log = self.tree / "pytest.log"
         summary = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
         print(f"dropin: {self.run.label} run: {' '.join(summary).strip('= ')} ({seconds:.0f} s)", flush=True)
@@ -167,11 +180,23 @@ class Job:
 
 
 @contextmanager
-def _suite_environment(suites: list[str]) -> Iterator[dict[str, str]]:
-    """The environment of both runs: this project on the path, and what the chosen suites need."""
+def _run_environment(suites: list[str]) -> Iterator[dict[str, str]]:
+    """A run's environment: this project on the path, and what the chosen suites need.
+
+    The integration suite gets a redis-server of the run's own on loopback, as
+    broker and result backend (database 0, as in Celery's CI), and the
+    ``celery`` command of this interpreter for the tests that start one.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    yield env
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if "integration" not in suites:
+        yield env
+        return
+    with RedisServer().start() as server:
+        url = f"redis://127.0.0.1:{server.port}/0"
+        env.update(TEST_BROKER=url, TEST_BACKEND=url, REDIS_HOST="127.0.0.1", REDIS_PORT=str(server.port))
+        yield env
 
 
 if __name__ == "__main__":
