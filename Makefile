@@ -4,12 +4,13 @@
 # make matrix - the suite on Python 3.10-3.13 and on the oldest supported Celery/redis-py (tox.ini)
 # make docs  - build the documentation site into docs/_build/html (warnings are errors)
 # make dist  - build the sdist and wheel into dist/ and check them with twine
+# make dropin - Celery's own suites, run with celery.Task and with UniqueTask as the default task class
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench matrix docs dist clean
+.PHONY: test demo lint bench matrix docs dist dropin clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +28,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check celery_unique tests $(wildcard example_project benchmarks docs/conf.py)
-	$(BIN)/mypy --strict celery_unique
+	$(BIN)/ruff check celery_unique tests $(wildcard example_project benchmarks dropin docs/conf.py)
+	$(BIN)/mypy --strict celery_unique $(wildcard dropin)
 
 # tox finds python3.10 ... python3.13 on PATH. pyenv's shims answer only for
 # the selected version, so each installed version's own bin goes first.
@@ -63,5 +64,25 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.enqueue $(BENCH_ARGS)
 
+# Celery's unit tests of tasks, app and worker (DROPIN_SUITES=unit,integration adds
+# its integration suite, against a redis-server of its own), from the sdist of the
+# installed Celery, which is downloaded once into DROPIN_DIR. Both runs load
+# dropin/plugin.py; the second makes UniqueTask every app's default task class.
+# Exits 1 if any test's outcome differs. Not part of `make test`.
+DROPIN_DIR ?= .dropin
+DROPIN_SUITES ?= unit
+DROPIN_STAMP := $(VENV)/.dropin-installed
+
+$(DROPIN_STAMP): $(STAMP) setup.cfg
+	$(BIN)/python -m pip install -q -e '.[dropin]'
+	touch $(DROPIN_STAMP)
+
+dropin: $(DROPIN_STAMP)
+	version=$$($(BIN)/python -c 'import celery; print(celery.__version__)') && \
+	sdist=$(DROPIN_DIR)/celery-$$version.tar.gz && \
+	{ test -f $$sdist || $(BIN)/python -m pip download -q --no-deps --no-binary :all: \
+		-d $(DROPIN_DIR) celery==$$version; } && \
+	$(BIN)/python -m dropin $$sdist --suites $(DROPIN_SUITES) --workdir $(DROPIN_DIR) $(DROPIN_ARGS)
+
 clean:
-	rm -rf $(VENV) .tox build dist docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .tox build dist docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis $(DROPIN_DIR)
