@@ -240,7 +240,8 @@ return {'run', value}
     # ARGV[1..4] - task id, nesting, retries, nonce (the run's attempt)
     # ARGV[5] - the run's owner (a marked run's marker names it)
     # ARGV[6] - "release" (the mode lets go), "keep" (a final failure the
-    #           mode keeps) or "requeue" (the message comes back: it runs again)
+    #           mode keeps) or "requeue" (the message comes back and runs
+    #           again: the marker says the attempt is queued)
     # ARGV[7] - "1" to leave a "done" marker until the lock's deadline (a copy
     #           of the message may exist), "" to leave none
     # return 1 if the lock was released, otherwise 0. Nothing is touched
@@ -255,12 +256,17 @@ if f then
     if f.s == 'r' and not (same(f, n, k) and f.owner == ARGV[5]) then return 0 end
     if f.s == 'x' then return 0 end
 end
-if ARGV[6] == 'requeue' then
-    if f then redis.call('DEL', KEYS[2]) end
-    return 0
-end
 local now = now_ms()
 local dl = deadline(KEYS[1], ARGV[1], f, now)
+if ARGV[6] == 'requeue' then
+    -- The attempt is queued again: a state it stored is stale until it runs.
+    if dl then
+        until_deadline(KEYS[2], state('q', n, k, ARGV[4], dl), dl, now, nil)
+    elseif f then
+        redis.call('DEL', KEYS[2])
+    end
+    return 0
+end
 local released = 0
 if ARGV[6] == 'release' and redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
