@@ -206,7 +206,7 @@ def test_rpc_ignore_after_storing_failure_is_a_failure(
 def test_refused_step_inside_a_chord_keeps_the_step_that_ran_and_frees_the_pool(
     redis_server: RedisServer, tmp_path: Path, on_duplicate: str
 ) -> None:
-    """A chord member's refused chain step: the step before stays SUCCESS, the chord fails, its pool goes on."""
+    """A chord member's refused chain step: the step before stays SUCCESS, the chord fails, the pool lives."""
     life = Lifecycle.on(redis_server)
     app = life.app()
     double, total = app.tasks["life.double"], app.tasks["life.total"]
@@ -215,7 +215,8 @@ def test_refused_step_inside_a_chord_keeps_the_step_that_ran_and_frees_the_pool(
         first = double.s(1).set(unique=60)
         member = chain(first, double.s().set(unique=60, on_duplicate=on_duplicate))
         result = chord([member, double.s(5).set(unique=60)], total.s()).apply_async()
-        with pytest.raises(Exception, match="duplicate refused"):  # DuplicateTaskError, or a ChordError quoting it
+        # DuplicateTaskError, or a ChordError quoting it.
+        with pytest.raises(Exception, match="duplicate refused"):
             result.get(timeout=15)
         step = next(r for r in result.parent.results if r.parent is not None).parent
         assert step.get(timeout=15) == 2
