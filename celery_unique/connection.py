@@ -68,7 +68,9 @@ def connect(target: StoreTarget, socket_timeout: float) -> Any:
     # instead of opening one per greenlet.
     limit = kwargs.pop("max_connections", MAX_CONNECTIONS)
     return redis.Redis(
-        connection_pool=redis.BlockingConnectionPool(max_connections=limit, timeout=socket_timeout, **kwargs)
+        connection_pool=redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+            max_connections=limit, timeout=socket_timeout, **kwargs
+        )
     )
 
 

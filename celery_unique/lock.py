@@ -13,9 +13,8 @@ Two kinds of key (see :mod:`celery_unique.keys` and docs/protocol.md):
   ``q|n|k|nonce|dl``                  attempt ``(n, k)`` is queued: a caller
                                       chose the id, or a retry or replacement
                                       of it was published
-  ``r|n|k|nonce|dl|owner|proof|at``   a copy of attempt ``(n, k)`` runs at
-                                      ``owner`` since ``at`` (renewed by its
-                                      heartbeat)
+  ``r|n|k|nonce|dl|owner|proof``      a copy of attempt ``(n, k)`` runs at
+                                      ``owner`` (renewed by its heartbeat)
   ``d|n|k|nonce|dl``                  attempt ``(n, k)`` has ended
   ``x|n|k|nonce|dl``                  the id was revoked or purged: no copy
                                       of it may run
@@ -37,7 +36,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -113,7 +111,7 @@ local function parse(value)
     local f = {}
     for part in string.gmatch(value .. '|', '([^|]*)|') do f[#f + 1] = part end
     return {s = f[1], n = tonumber(f[2]) or 0, k = tonumber(f[3]) or 0, nonce = f[4] or '',
-            dl = tonumber(f[5]), owner = f[6] or '', proof = f[7] or '', at = tonumber(f[8])}
+            dl = tonumber(f[5]), owner = f[6] or '', proof = f[7] or ''}
 end
 local function newer(f, n, k)
     return f.n > n or (f.n == n and f.k > k)
@@ -194,7 +192,6 @@ return holder
     # ARGV[7] - marker TTL in milliseconds (renewed by the heartbeat)
     # ARGV[8] - "1" to release the lock as the run begins (unique_until="start")
     # ARGV[9] - a marker value whose owner was shown dead, to take it over, or ""
-    # ARGV[10] - when the copy began, in milliseconds by the worker's clock
     # return {"run", marker} if this copy now holds the marker; {"wait",
     #        ms, marker} if another live copy of this attempt runs; {"skip"}
     #        if this attempt has ended or a newer one exists; {"drop"} if the
@@ -224,7 +221,6 @@ if not dl or dl <= now then
     return {'stray'}
 end
 local value = 'r|' .. n .. '|' .. k .. '|' .. ARGV[4] .. '|' .. dl .. '|' .. ARGV[5] .. '|' .. ARGV[6]
-    .. '|' .. ARGV[10]
 until_deadline(KEYS[2], value, dl, now, tonumber(ARGV[7]))
 if ARGV[8] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
@@ -351,8 +347,7 @@ return 1
     # The caller read the holder's stored state and judged it finished; this
     # checks, atomically, that the lock is still the holder's, that no copy of
     # it runs and that no newer attempt of it is queued (a state stored
-    # before a retry or a reuse of the id is stale). A marked copy that stored
-    # its state after it began has finished its body: it is only ending.
+    # before a retry or a reuse of the id is stale).
     #
     # KEYS[1] - lock key
     # KEYS[2] - marker of the holder
@@ -360,9 +355,7 @@ return 1
     # ARGV[1] - the holder's task id
     # ARGV[2] - the new holder's task id, or "" to delete the lock
     # ARGV[3] - time to live in milliseconds of the new holder's lock
-    # ARGV[4] - when the holder stored its state, in milliseconds by the
-    #           worker's clock, or "" if unknown
-    # ARGV[5] - (caller-chosen new id only) the new incarnation's nonce
+    # ARGV[4] - (caller-chosen new id only) the new incarnation's nonce
     # return nil if the lock was taken over (or deleted), otherwise the
     #        holder's id. A resend finds the lock its first attempt took.
     TAKE_OVER_SCRIPT = _PRELUDE + """
@@ -370,7 +363,7 @@ local holder = redis.call('GET', KEYS[1])
 if holder and holder == ARGV[2] then
     if not KEYS[3] then return false end
     local marker = redis.call('GET', KEYS[3])
-    local mine = 'q|0|0|' .. ARGV[5] .. '|'
+    local mine = 'q|0|0|' .. ARGV[4] .. '|'
     if marker and string.sub(marker, 1, #mine) == mine then return false end
     return holder
 end
@@ -379,10 +372,7 @@ if holder ~= ARGV[1] then
     if ARGV[2] == '' then return false end
 else
     local f = parse(redis.call('GET', KEYS[2]))
-    local stored = tonumber(ARGV[4])
-    if f and (f.s == 'q' or (f.s == 'r' and not (stored and f.at and stored >= f.at))) then
-        return holder
-    end
+    if f and (f.s == 'r' or f.s == 'q') then return holder end
     if ARGV[2] == '' then
         redis.call('DEL', KEYS[1])
         return false
@@ -390,7 +380,7 @@ else
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 if KEYS[3] then
-    redis.call('SET', KEYS[3], 'q|0|0|' .. ARGV[5] .. '|' .. (now_ms() + tonumber(ARGV[3])), 'PX', ARGV[3])
+    redis.call('SET', KEYS[3], 'q|0|0|' .. ARGV[4] .. '|' .. (now_ms() + tonumber(ARGV[3])), 'PX', ARGV[3])
 end
 return false
 """
@@ -444,17 +434,14 @@ return false
         task_id: str,
         ttl_ms: int,
         nonce: str | None = None,
-        stored_at_ms: int | None = None,
     ) -> str | None:
         """Give ``holder``'s lock to ``task_id`` if no copy of it runs or waits; None if done.
 
         Returns the holder's id while it stands. An empty ``task_id``
-        deletes the lock instead (the reaper). ``nonce``: as for
-        :meth:`acquire`; ``stored_at_ms``: when the holder stored the state
-        that finished it (see TAKE_OVER_SCRIPT).
+        deletes the lock instead (the reaper). ``nonce``: as for :meth:`acquire`.
         """
         keys = [key, marker_key(key, holder)]
-        args: list[str | int] = [holder, task_id, ttl_ms, "" if stored_at_ms is None else stored_at_ms]
+        args: list[str | int] = [holder, task_id, ttl_ms]
         if nonce is not None and task_id:
             keys.append(marker_key(key, task_id))
             args.append(nonce)
@@ -484,8 +471,7 @@ return false
     ) -> list[Any]:
         """Mark a copy running (see BEGIN_SCRIPT); return the verdict and its details."""
         keys = (key, marker_key(key, attempt.task_id))
-        began_ms = int(time.time() * 1000)
-        args = [*attempt.args(), owner, proof, marker_ttl_ms, "1" if release else "", evict, began_ms]
+        args = [*attempt.args(), owner, proof, marker_ttl_ms, "1" if release else "", evict]
         reply = self._call(self._begin, keys, args)
         return [_text(part) if isinstance(part, bytes) else part for part in reply]
 

@@ -19,7 +19,6 @@ its message that no redelivery has touched. Every other copy is marked.
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -75,9 +74,8 @@ class Incarnation:
     revoked: bool = False
     #: Its lock's TTL passed (or the lock was taken over): best effort from then on.
     expired: bool = False
-    #: The state the result backend holds, and when the worker stored it (ms).
+    #: The state the result backend holds.
     stored: str | None = None
-    stored_at: int = 0
     ended_attempts: set[tuple[int, int]] = field(default_factory=set)
     latest: tuple[int, int] = (0, 0)
 
@@ -168,9 +166,9 @@ class ProtocolMachine(RuleBasedStateMachine):
             return
         call = holders[0]
         new = f"gen-{next(self.generated)}"
-        answer = self.store.take_over(KEY, held, new, LOCK_TTL_MS, None, call.stored_at)
+        answer = self.store.take_over(KEY, held, new, LOCK_TTL_MS)
         if resend:
-            again = self.store.take_over(KEY, held, new, LOCK_TTL_MS, None, call.stored_at)
+            again = self.store.take_over(KEY, held, new, LOCK_TTL_MS)
             assert again == answer, f"a resent take-over answered {again!r}, the first {answer!r}"
         if answer is None:
             self.assert_nothing_pending(call, "the holder check")
@@ -267,7 +265,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         copy.state = "ending"
         call = self.call_of(copy)
         if not copy.stray:
-            call.stored, call.stored_at = state, int(time.time() * 1000) + 1
+            call.stored = state
 
     @precondition(lambda self: self.copies_in("ending"))
     @rule(data=st.data(), until=st.sampled_from(("success", "finish")), resend=st.booleans())
@@ -299,7 +297,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.new_copy(copy.task_id, copy.nonce, nesting=attempt[0], retries=attempt[1], marked=marked)
         self.store.continue_(KEY, Attempt(copy.task_id, *attempt, copy.nonce))
         call.latest = max(call.latest, attempt)
-        call.stored, call.stored_at = ("RETRY", 0) if throw else ("SUCCESS", int(time.time() * 1000) + 1)
+        call.stored = "RETRY" if throw else "SUCCESS"
         copy.state = "ended"  # its end sends nothing
         call.ended_attempts.add((copy.nesting, copy.retries))
 
@@ -353,7 +351,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         held = self.holder()
         holders = [c for c in self.calls.values() if c.task_id == held and not c.expired]
         finished = bool(holders) and holders[0].stored in ("SUCCESS", "FAILURE")
-        if finished and self.store.take_over(KEY, held, "", 0, None, holders[0].stored_at) is None:
+        if finished and self.store.take_over(KEY, held, "", 0) is None:
             self.assert_nothing_pending(holders[0], "the reaper")
             holders[0].expired = True
 

@@ -77,7 +77,7 @@ DEFECTS = {
     # A take-over that trusts a state stored before the current attempt (a
     # retry(throw=False) stores SUCCESS while its retry waits).
     "take-over on a stale result": (
-        "_take_over", "TAKE_OVER_SCRIPT", "(f.s == 'q' or (f.s == 'r'", "(false or (f.s == 'r'",
+        "_take_over", "TAKE_OVER_SCRIPT", "(f.s == 'r' or f.s == 'q')", "(f.s == 'r')",
     ),
     # A take-over whose resend, after a lost reply, refuses its own caller.
     "resent take-over refuses itself": (
