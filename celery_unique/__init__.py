@@ -17,8 +17,8 @@ from .errors import (
     UniqueTypeError,
     UniqueValueError,
 )
+from .events import lock_released, lock_taken_over, task_duplicate
 from .send import send_unique
-from .signals import task_duplicate
 from .task import LOCK_HEADER, UniqueTask
 from .worker import UniqueRequest
 
@@ -37,6 +37,8 @@ __all__ = [
     "UniqueTypeError",
     "UniqueValueError",
     "__version__",
+    "lock_released",
+    "lock_taken_over",
     "send_unique",
     "task_duplicate",
 ]

@@ -274,7 +274,10 @@ return released
         with self._errors(task_name, pattern):
             for lock in self.iter_locks(task_name, queue):
                 until = self._until(lock.task_name)
-                if take_over_if_finished(store, backend, lock.key, lock.task_id, "", 0, until) is None:
+                finished = take_over_if_finished(
+                    lock.task_name, store, backend, lock.key, lock.task_id, "", 0, until
+                )
+                if finished is None:
                     reaped += 1
         return reaped
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from celery import states
 from celery.exceptions import Ignore
 
-from . import liveness
+from . import events, liveness
 from .config import app_state
 from .errors import ConfigurationError
 from .headers import HELD_HEADER, RECEIVED_KEY, Carried, carried_by, headers_of
@@ -152,7 +152,8 @@ class Run:
             # threads pool took it before the revoke came): dropped, its lock freed.
             self.verdict = "drop"
             try:
-                self.state.store.discard(self.key, self.attempt, drop_later=True)
+                if self.state.store.discard(self.key, self.attempt, drop_later=True):
+                    events.released(self.task, self.key, self.task_id, "revoked")
             except Exception as exc:
                 warn_release_failed(self.task, self.task_id, self.key, exc)
             return
@@ -222,7 +223,8 @@ class Run:
 
     def _release_now(self) -> None:
         try:
-            self.state.store.discard(self.key, self.attempt, drop_later=False)
+            if self.state.store.discard(self.key, self.attempt, drop_later=False):
+                events.released(self.task, self.key, self.task_id, "start")
         except Exception as exc:
             warn_release_failed(self.task, self.task_id, self.key, exc)
 
@@ -240,17 +242,36 @@ class Run:
         if self.until == "start" and outcome is not None:
             outcome = KEEP  # released as it began
         if outcome is None or (outcome != RELEASE and self.marker is None):
-            return  # nothing to write: the lock stays as it is, and no marker exists
-        self.finish(outcome)
+            # Nothing to write: the lock stays as it is, and no marker exists.
+            if outcome is not None:
+                events.kept(self.task, self.key, self.task_id, self._why(celery_state, outcome))
+            return
+        self.finish(outcome, celery_state)
 
-    def finish(self, outcome: Outcome) -> None:
+    def finish(self, outcome: Outcome, celery_state: str | None) -> None:
         """Send the run's end to the lock store (END_SCRIPT)."""
         try:
-            self.state.store.end(
+            released = self.state.store.end(
                 self.key, self.attempt, self.owner, outcome, leave_done=self.marker is not None
             )
         except Exception as exc:
+            events.store_error(self.task)
             warn_release_failed(self.task, self.task_id, self.key, exc)
+            return
+        why = self._why(celery_state, outcome)
+        if released:
+            events.released(self.task, self.key, self.task_id, why)
+        else:
+            events.kept(self.task, self.key, self.task_id, why if outcome != RELEASE else "not its own")
+
+    def _why(self, celery_state: str | None, outcome: Outcome) -> str:
+        if outcome == REQUEUE:
+            return "the message comes back"
+        if self.until == "start":
+            return f"{celery_state}, released as it began" if celery_state else "released as it began"
+        if outcome == KEEP:
+            return f"{celery_state or 'a final failure'} under unique_until={self.until!r}"
+        return (celery_state or "success").lower()
 
     def outcome(self, celery_state: str | None, retval: Any) -> Outcome | None:
         """What the lock does at the end of a run that Celery finished with ``celery_state``."""

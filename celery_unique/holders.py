@@ -32,6 +32,7 @@ from typing import Any
 from celery import states
 from celery.backends.base import BaseKeyValueStoreBackend, DisabledBackend
 
+from . import events
 from .lock import LockStore, marker_says_running
 
 __all__ = [
@@ -129,6 +130,7 @@ def finished(state: str | None, until: str) -> bool:
 
 
 def take_over_if_finished(
+    task: Any,
     store: LockStore,
     backend: Any,
     key: str,
@@ -141,9 +143,11 @@ def take_over_if_finished(
     """Give ``holder``'s lock to ``task_id`` if the holder has finished; None if given.
 
     Returns the holder's id while it stands. An empty ``task_id`` releases
-    the lock instead (the reaper's use).
+    the lock instead (the reaper's use). ``task`` (or a task name) names the
+    call for the log line and the ``lock_taken_over`` signal.
     """
-    if not finished(stored_state(backend, holder), until):
+    state = stored_state(backend, holder)
+    if not finished(state, until):
         return holder
     answer = store.take_over(key, holder, task_id, ttl_ms, nonce)
     # A marked copy that stored its result is ending: its end follows within
@@ -155,4 +159,6 @@ def take_over_if_finished(
             break
         time.sleep(pause)
         answer = store.take_over(key, holder, task_id, ttl_ms, nonce)
+    if answer is None:
+        events.taken_over(task, key, holder, task_id, state)
     return answer

@@ -48,7 +48,7 @@ def issued_at(task_id: str, now: float | None = None) -> datetime | None:
 
     None for any other id (a caller's ``"report-42"``, Celery's random
     version 4 ids), and for a version 7 id whose time is more than
-    :data:`CLOCK_SKEW` seconds after ``now`` (a Unix time; default: the
+    ``CLOCK_SKEW`` seconds after ``now`` (a Unix time; default: the
     clock now): that is no issue time.
     """
     if not isinstance(task_id, str) or len(task_id) != 36 or not _UUID7.fullmatch(task_id):

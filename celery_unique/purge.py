@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kombu.entity import Queue
 
+from . import events
 from .headers import carried_by
 from .lock import attempt_of
 
@@ -91,7 +92,10 @@ def _release(store: LockStore, message: Any) -> int:
         return 0
     # Purged: any other copy of it (a redelivery waiting elsewhere) is dropped
     # too, and a copy that runs keeps the lock (see DISCARD_SCRIPT).
-    return int(store.discard(carried.key, attempt_of(task_id, fields, carried.nonce), drop_later=True))
+    if not store.discard(carried.key, attempt_of(task_id, fields, carried.nonce), drop_later=True):
+        return 0
+    events.released(fields.get("task") or headers.get("task") or "?", carried.key, task_id, "purged")
+    return 1
 
 
 def _close(channel: Any) -> None:

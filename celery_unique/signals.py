@@ -1,4 +1,4 @@
-"""Signal receivers that begin and end runs, and the ``task_duplicate`` signal.
+"""Signal receivers that begin and end runs.
 
 Every task whose message carries a lock, a ``UniqueTask`` or a plain task
 reached with ``send_unique``, runs inside a run (see
@@ -32,8 +32,9 @@ from celery.signals import (
     task_received,
     task_revoked,
 )
-from celery.utils.dispatch import Signal
 
+from . import events
+from .events import task_duplicate
 from .execution import RUN_ATTR, begin_run, end_run, warn_release_failed, worker_state
 from .headers import LOCK_HEADER, RECEIVED_KEY, carried_by, headers_of
 from .lock import attempt_of
@@ -42,9 +43,6 @@ __all__ = ["in_beat", "task_duplicate"]
 
 logger = logging.getLogger(__name__)
 
-#: Sent for every refused duplicate, with ``sender=<task>``, ``key``,
-#: ``task_id`` (the holder), ``args`` and ``kwargs``.
-task_duplicate = Signal(name="task_duplicate")
 
 # Signals a terminated task cannot survive.
 _FATAL_SIGNALS = frozenset({_signal.SIGTERM, _signal.SIGKILL})
@@ -134,7 +132,8 @@ def _on_revoked(
     # killed: a copy of the same task id that runs elsewhere, marked, keeps
     # the lock (see DISCARD_SCRIPT).
     try:
-        state.store.discard(carried.key, attempt, drop_later=True)
+        if state.store.discard(carried.key, attempt, drop_later=True):
+            events.released(sender, carried.key, request.id, "revoked" if not terminated else "killed")
     except Exception as exc:
         warn_release_failed(sender, request.id, carried.key, exc)
 

@@ -13,6 +13,7 @@ from celery import Task
 from celery.exceptions import Ignore
 from celery.result import AsyncResult
 
+from . import events
 from .canvas import in_hand_over, record_refusal, replacement_of
 from .cleanup import clean_up_later, release_quietly
 from .compat import BEAT_HEADER
@@ -35,7 +36,7 @@ from .options import (
     check_choice,
     check_unique_on,
 )
-from .signals import in_beat, task_duplicate
+from .signals import in_beat
 from .switch import unlock_if_disabled
 from .ttl import delay_ms, ttl_ms
 
@@ -369,9 +370,10 @@ class UniqueTask(Task):  # type: ignore[misc]
             backend = self.backend
             if looks_up_any_task(backend) and not _eager_without_results(app):
                 holder = take_over_if_finished(
-                    store, backend, key, holder, task_id, lock_ttl_ms, unique.until, nonce
+                    self, store, backend, key, holder, task_id, lock_ttl_ms, unique.until, nonce
                 )
         if holder is None:
+            events.taken(self, key, task_id, lock_ttl_ms)
             return store, key, task_id
         # A refused call someone may wait on: its id was chosen before the call
         # (a chain link, a group or chord member, a chord body, a frozen
@@ -484,10 +486,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         link: Any,
         link_error: Any,
     ) -> AsyncResult:
-        task_duplicate.send(sender=self, key=key, task_id=holder, args=args, kwargs=kwargs)
-        logger.info(
-            "celery_unique: refused duplicate of %s: task %s holds lock %s", self.name, holder, key
-        )
+        events.refused(self, key, holder, args, kwargs)
         if refused_id is not None and refused_id != holder:
             # Record the refused call as failed, as Celery records a failed
             # task, so later chain steps, the chord and the errbacks hear of
@@ -543,6 +542,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         try:
             return store.acquire(key, task_id, ttl, nonce)
         except AcquireError as failure:
+            events.store_error(self)
             exc = failure.error
             if failure.maybe_applied:
                 # A timed-out SET may still be applied once the server catches

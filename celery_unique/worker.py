@@ -25,7 +25,7 @@ from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.request import Request
 
-from . import liveness
+from . import events, liveness
 from .compat import waiting_requests
 from .config import app_state
 from .errors import ConfigurationError
@@ -106,10 +106,12 @@ class UniqueRequest(Request):  # type: ignore[misc]
         attempt = attempt_of(self.id, self._headers(), carried.nonce)
         try:
             if revoked:
-                state.store.discard(carried.key, attempt, drop_later=True)
+                if state.store.discard(carried.key, attempt, drop_later=True):
+                    events.released(self.task, carried.key, self.id, "revoked, its process gone")
             elif outcome is not None:
                 owner = liveness.owner(self.hostname, pid=self.worker_pid or 0)
-                state.store.end(carried.key, attempt, owner, outcome, leave_done=outcome != REQUEUE)
+                if state.store.end(carried.key, attempt, owner, outcome, leave_done=outcome != REQUEUE):
+                    events.released(self.task, carried.key, self.id, "its process died")
         except Exception as exc:
             warn_release_failed(self.task, self.id, carried.key, exc)
 
@@ -147,16 +149,17 @@ class _RevokeWatcher(threading.Thread):
                 headers = request.request_dict or {}
                 carried = carried_by(headers)
                 if carried is not None:
-                    self._release(carried.key, attempt_of(request.id, headers, carried.nonce))
+                    self._release(carried.key, attempt_of(request.id, headers, carried.nonce), request.name)
 
-    def _release(self, key: str, attempt: Attempt) -> None:
+    def _release(self, key: str, attempt: Attempt, task_name: str) -> None:
         # A revoked task that has not started never starts: Celery discards
         # it when its turn comes, and its marker turns "revoked" so that it is
         # dropped even by a worker restarted without the revoke. Owner-checked,
         # as every release, and never under another copy of the same task id
         # that runs (a held-back copy waiting here while the first runs on).
         try:
-            app_state(self.app).store.discard(key, attempt, drop_later=True)
+            if app_state(self.app).store.discard(key, attempt, drop_later=True):
+                events.released(task_name, key, attempt.task_id, "revoked")
         except Exception as exc:
             logger.warning(
                 "celery_unique: could not release lock %s of revoked task %s (%s)", key, attempt.task_id, exc

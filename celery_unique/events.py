@@ -1,0 +1,107 @@
+"""What happens to locks, told three ways: log lines, Celery signals and Prometheus counters.
+
+================  =========  =====================  ===============================
+event             log level  signal                 counter (by task name)
+================  =========  =====================  ===============================
+taken             DEBUG                             ``celery_unique_taken_total``
+refused           INFO       ``task_duplicate``     ``celery_unique_refused_total``
+released          DEBUG      ``lock_released``      ``celery_unique_released_total``
+kept (at an end)  DEBUG
+taken over        INFO       ``lock_taken_over``    ``celery_unique_taken_over_total``
+store error       WARNING                           ``celery_unique_store_errors_total``
+================  =========  =====================  ===============================
+
+Every line is logged by the ``celery_unique`` logger and names the task,
+the task id and the lock key. The counters exist when ``prometheus_client``
+is installed (``pip install 'celery-unique[prometheus]'``); without it,
+counting costs one call of a function that does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.utils.dispatch import Signal
+
+from . import metrics
+
+__all__ = [
+    "kept",
+    "lock_released",
+    "lock_taken_over",
+    "refused",
+    "released",
+    "store_error",
+    "taken",
+    "taken_over",
+    "task_duplicate",
+]
+
+logger = logging.getLogger("celery_unique")
+
+#: Sent for every refused duplicate, with ``sender=<task>``, ``key``,
+#: ``task_id`` (the holder), ``args`` and ``kwargs``.
+task_duplicate = Signal(name="task_duplicate")
+#: Sent when a lock is released, in the process that released it, with
+#: ``sender=<task name>``, ``key``, ``task_id`` (the holder that let go) and
+#: ``reason`` ("success", "failure", "start", "revoked", "purged",
+#: "not published", ...).
+lock_released = Signal(name="lock_released")
+#: Sent when a refused call takes a finished holder's lock over, or the
+#: reaper releases it, with ``sender=<task name>``, ``key``, ``holder`` (the
+#: finished task's id), ``task_id`` (the new holder, "" for the reaper) and
+#: ``state`` (the holder's stored state).
+lock_taken_over = Signal(name="lock_taken_over")
+
+
+def _name(task: Any) -> str:
+    return str(getattr(task, "name", task))
+
+
+def taken(task: Any, key: str, task_id: str, ttl_ms: int) -> None:
+    """A call took its lock."""
+    metrics.taken(_name(task))
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("celery_unique: %s[%s] took lock %s for %gs", _name(task), task_id, key, ttl_ms / 1000)
+
+
+def refused(task: Any, key: str, holder: str, args: Any, kwargs: Any) -> None:
+    """A call was refused: ``holder`` holds its lock."""
+    metrics.refused(_name(task))
+    task_duplicate.send(sender=task, key=key, task_id=holder, args=args, kwargs=kwargs)
+    logger.info("celery_unique: refused duplicate of %s: task %s holds lock %s", _name(task), holder, key)
+
+
+def released(task: Any, key: str, task_id: str, reason: str) -> None:
+    """``task_id`` let go of its lock."""
+    name = _name(task)
+    metrics.released(name)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("celery_unique: released lock %s of %s[%s] (%s)", key, name, task_id, reason)
+    lock_released.send(sender=name, key=key, task_id=task_id, reason=reason)
+
+
+def kept(task: Any, key: str, task_id: str, reason: str) -> None:
+    """A run ended and its lock stays, as ``reason`` says."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("celery_unique: kept lock %s of %s[%s] (%s)", key, _name(task), task_id, reason)
+
+
+def taken_over(task: Any, key: str, holder: str, task_id: str, state: str | None) -> None:
+    """A finished ``holder``'s lock went to ``task_id`` (or, with an empty one, was reaped)."""
+    name = _name(task)
+    metrics.taken_over(name)
+    if task_id:
+        logger.info(
+            "celery_unique: %s[%s] took over lock %s from finished task %s (%s)",
+            name, task_id, key, holder, state,
+        )
+    else:
+        logger.info("celery_unique: reaped lock %s of finished task %s[%s] (%s)", key, name, holder, state)
+    lock_taken_over.send(sender=name, key=key, holder=holder, task_id=task_id, state=state)
+
+
+def store_error(task: Any) -> None:
+    """The lock store failed a call of ``task`` (the caller logs or raises it)."""
+    metrics.store_error(_name(task))
