@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from .admin import LockInfo, UniqueLocks
+from .decorator import unique_task
 from .errors import (
     ConfigurationError,
     DuplicateTaskError,
@@ -20,6 +21,7 @@ from .errors import (
 from .send import send_unique
 from .signals import task_duplicate
 from .task import LOCK_HEADER, UniqueTask
+from .typed import UniqueSignature
 from .worker import UniqueRequest
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "LockStoreError",
     "UniqueLocks",
     "UniqueRequest",
+    "UniqueSignature",
     "UniqueTask",
     "UniqueTaskError",
     "UniqueTypeError",
@@ -38,6 +41,7 @@ __all__ = [
     "__version__",
     "send_unique",
     "task_duplicate",
+    "unique_task",
 ]
 
 __version__ = "0.1.0"
