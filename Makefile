@@ -2,18 +2,21 @@
 # make demo  - run the example project against a throwaway Redis and worker
 # make lint  - ruff and mypy --strict
 # make matrix - the suite on Python 3.10-3.13 and on the oldest supported Celery/redis-py (tox.ini)
+# make docs  - build the documentation site into docs/_build/html (warnings are errors)
+# make dist  - build the sdist and wheel into dist/ and check them with twine
+# make dropin - Celery's own suites, run with celery.Task and with UniqueTask as the default task class
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench matrix clean
+.PHONY: test demo lint bench matrix docs dist dropin clean
 
 # celery-types goes beside site-packages, for tests/test_typing.py alone
 # (tests/typing-stubs.txt says why).
 $(STAMP): setup.cfg pyproject.toml tests/typing-stubs.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	$(BIN)/python -m pip install -q -e '.[test,dev,docs]'
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/celery-types -r tests/typing-stubs.txt
 	touch $(STAMP)
 
@@ -28,8 +31,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check celery_unique tests $(wildcard example_project benchmarks)
-	$(BIN)/mypy --strict celery_unique
+	$(BIN)/ruff check celery_unique tests $(wildcard example_project benchmarks dropin docs/conf.py)
+	$(BIN)/mypy --strict celery_unique $(wildcard dropin)
 
 # tox finds python3.10 ... python3.13 on PATH. pyenv's shims answer only for
 # the selected version, so each installed version's own bin goes first.
@@ -45,6 +48,18 @@ matrix: $(STAMP)
 	PATH="$(MATRIX_PATH)$(if $(MATRIX_PATH),:)$$PATH" REDIS_SERVER="$(REDIS_SERVER)" \
 		TEST_XDIST="$(XDIST)" $(BIN)/tox run --skip-missing-interpreters $(MATRIX_SKIP_MISSING) $(TOX_ARGS)
 
+# A fresh build (-E) each time, so that a warning in a page that did not
+# change still fails; -n warns about every reference that does not resolve.
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -n -E -b html docs docs/_build/html
+
+# python -m build makes the sdist, then the wheel from the unpacked sdist, so
+# a file the wheel needs but MANIFEST.in leaves out fails here.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
 demo: $(STAMP)
 	$(BIN)/python -m example_project.demo
 
@@ -52,5 +67,25 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.enqueue $(BENCH_ARGS)
 
+# Celery's unit tests of tasks, app and worker (DROPIN_SUITES=unit,integration adds
+# its integration suite, against a redis-server of its own), from the sdist of the
+# installed Celery, which is downloaded once into DROPIN_DIR. Both runs load
+# dropin/plugin.py; the second makes UniqueTask every app's default task class.
+# Exits 1 if any test's outcome differs. Not part of `make test`.
+DROPIN_DIR ?= .dropin
+DROPIN_SUITES ?= unit
+DROPIN_STAMP := $(VENV)/.dropin-installed
+
+$(DROPIN_STAMP): $(STAMP) setup.cfg
+	$(BIN)/python -m pip install -q -e '.[dropin]'
+	touch $(DROPIN_STAMP)
+
+dropin: $(DROPIN_STAMP)
+	version=$$($(BIN)/python -c 'import celery; print(celery.__version__)') && \
+	sdist=$(DROPIN_DIR)/celery-$$version.tar.gz && \
+	{ test -f $$sdist || $(BIN)/python -m pip download -q --no-deps --no-binary :all: \
+		-d $(DROPIN_DIR) celery==$$version; } && \
+	$(BIN)/python -m dropin $$sdist --suites $(DROPIN_SUITES) --workdir $(DROPIN_DIR) $(DROPIN_ARGS)
+
 clean:
-	rm -rf $(VENV) .tox build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .tox build dist docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis $(DROPIN_DIR)

@@ -10,6 +10,9 @@ queues, keyed by ``lock_key`` as a unique enqueue keys them, then times, each
 on a freshly filled store:
 
 * ``UniqueLocks.list()`` and going through ``UniqueLocks.iter_locks()``;
+* ``UniqueLocks.describe()``, which also reads each holder's running marker
+  and its state in the result backend (the same Redis, nothing stored:
+  PENDING);
 * ``UniqueLocks.clear()``;
 * ``celery -A benchmarks.admin unique list``, its output read through a pipe,
   and ``celery -A benchmarks.admin unique clear --yes``, each a whole process
@@ -25,6 +28,7 @@ trips per lock to clear, on the same locks, and prints the ratios.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -37,10 +41,10 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu.utils.uuid import uuid
 
 from benchmarks.enqueue import machine, redis_url
 from celery_unique import UniqueLocks, UniqueTask
+from celery_unique.ids import new_task_id
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "bench-admin"
@@ -52,7 +56,7 @@ QUEUES = ("celery", "reports")
 
 def make_app(url: str) -> Celery:
     """The app whose locks are measured; also what ``celery -A benchmarks.admin`` loads."""
-    app = Celery("bench_admin", broker=url, set_as_current=False)
+    app = Celery("bench_admin", broker=url, backend=url, set_as_current=False)
     app.conf.update(unique_redis_url=url, unique_key_prefix=PREFIX)
     for name in TASKS:
         app.task(base=UniqueTask, name=name, shared=False)(_report)
@@ -74,7 +78,7 @@ def fill(app: Celery, client: redis.Redis, count: int) -> None:
     for i in range(count):
         task = tasks[i % len(tasks)]
         key = task.lock_key((i,), None, {"queue": QUEUES[i // 2 % len(QUEUES)]})
-        pipe.set(key, uuid(), px=600_000)
+        pipe.set(key, new_task_id(), px=600_000)
         if len(pipe) == 10_000:
             pipe.execute()
     pipe.execute()
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(
     bench: Celery, admin: UniqueLocks, client: redis.Redis, url: str, count: int, rounds: int, compare: bool
 ) -> None:
-    times: dict[str, list[float]] = {name: [] for name in ("list", "iter", "clear")}
+    times: dict[str, list[float]] = {name: [] for name in ("list", "iter", "describe", "clear")}
     fill(bench, client, count)
     for _ in range(rounds):
         took, locks = timed(admin.list)
@@ -158,6 +162,9 @@ def run(
         took, seen = timed(lambda: sum(1 for _ in admin.iter_locks()))
         check(seen, count, "iter_locks")
         times["iter"].append(took)
+        took, described = timed(admin.describe)
+        check(len(described), count, "describe")
+        times["describe"].append(took)
         took, released = timed(admin.clear)
         check(released, count, "clear")
         times["clear"].append(took)
@@ -166,12 +173,16 @@ def run(
     cleared = statistics.median(times["clear"])
     print(f"UniqueLocks.list: {listed:.2f} s ({verdict(listed, TARGETS['list'], count)})")
     print(f"UniqueLocks.iter_locks: {statistics.median(times['iter']):.2f} s")
+    print(f"UniqueLocks.describe: {statistics.median(times['describe']):.2f} s")
     print(f"UniqueLocks.clear: {cleared:.2f} s ({verdict(cleared, TARGETS['clear'], count)})")
 
     startup, _ = timed(lambda: cli(url, "--help"))
     took, process = timed(lambda: cli(url, "list"))
     check(process.stdout.count("\n") - 3, count, "celery unique list")  # store, header, total lines
     print(f"celery unique list: {took:.2f} s ({verdict(took, TARGETS['list'], count)})")
+    took, process = timed(lambda: cli(url, "list", "--json"))
+    check(len(json.loads(process.stdout)["locks"]), count, "celery unique list --json")
+    print(f"celery unique list --json: {took:.2f} s")
     took, process = timed(lambda: cli(url, "clear", "--yes"))
     check(client.dbsize(), 0, "celery unique clear --yes")
     print(f"celery unique clear --yes: {took:.2f} s ({verdict(took, TARGETS['clear'], count)})")

@@ -47,7 +47,7 @@ UNIQUE_KEYS = f"unique:{QUEUE}:*"
 ONCE_KEYS = "qo_benchmarks.*"
 SINGLETON_PREFIX = "bench-singleton:"
 
-#: What the README promises; a miss is printed, never fatal.
+#: The targets docs/benchmarks.md measures against; a miss is printed, never fatal.
 TARGETS = {"unique": 0.90, "duplicate": 6.0, "key_small_us": 8.0, "bytes_per_lock": 200.0}
 #: Through the latency proxy (``--latency-us``), unique/plain aims lower.
 NETWORK_TARGETS = {"unique": 0.85}

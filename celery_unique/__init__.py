@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .admin import LockInfo, UniqueLocks
+from .admin import LockInfo, LockStatus, UniqueLocks
 from .decorator import unique_task
 from .errors import (
     ConfigurationError,
@@ -30,6 +30,7 @@ __all__ = [
     "DuplicateTaskError",
     "InvalidCallError",
     "LockInfo",
+    "LockStatus",
     "LockStoreError",
     "UniqueLocks",
     "UniqueRequest",

@@ -4,6 +4,8 @@ The admin works in batches, so its cost grows with the number of batches, not
 of locks: one SCAN (never KEYS) finds up to a batch of keys, one Lua call
 reads their holders and TTLs, and to clear them one more compare-and-deletes
 them. Task name and queue come from the key itself (there is no payload).
+To describe the locks, a second call reads them again with their holders'
+running markers, and one ``mget`` of the result backend their states.
 
 On a Redis Cluster each primary is scanned in turn, and a batch's script runs
 once per hash slot (a script may only touch one slot), in one pipeline. The
@@ -15,7 +17,9 @@ before it releases anything.
 from __future__ import annotations
 
 import builtins
+import logging
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from operator import itemgetter
@@ -28,17 +32,23 @@ from redis.exceptions import RedisClusterException
 
 from .config import app_state
 from .errors import ConfigurationError, LockStoreError
-from .holders import take_over_if_finished
+from .holders import stored_states, take_over_if_finished
+from .ids import issued_at
 from .keys import escape, unescape
+from .lock import marker_says_running, running_marker_key
 from .purge import PurgeResult, purge_queues, queue_names
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from celery import Celery
     from redis.commands.core import Script
 
     from .task import UniqueTask
 
-__all__ = ["LockInfo", "UniqueLocks"]
+__all__ = ["LockInfo", "LockStatus", "UniqueLocks"]
+
+logger = logging.getLogger(__name__)
 
 #: What redis-py raises when the store fails; a cluster client adds its own.
 _STORE_ERRORS = (redis.RedisError, RedisClusterException)
@@ -47,6 +57,10 @@ _GLOB = re.compile(r"([*?\[\]\\])")
 _SCRIPTS_ATTR = "_celery_unique_admin_scripts"
 #: Held locks: key -> (holder as Redis stores it, remaining life in ms).
 _Holders = dict[str, tuple[Any, int]]
+#: The same read again with the holder's running marker: key -> (holder,
+#: remaining life in ms, the marker as stored or None; None too if the lock
+#: changed hands since the first read, for the marker read is the old holder's).
+_Marked = dict[str, tuple[Any, int, Any]]
 #: LockInfo's task name, queue and key, the order of list().
 _BY_TASK_QUEUE_KEY = itemgetter(1, 2, 0)
 
@@ -62,6 +76,29 @@ class LockInfo(NamedTuple):
     ttl: float | None
 
 
+class LockStatus(NamedTuple):
+    """A held lock and what its holder is doing: a :class:`LockInfo`'s fields, then four more.
+
+    Each of the four is None when it is unknown.
+    """
+
+    key: str
+    task_name: str
+    queue: str
+    task_id: str
+    #: Remaining life in seconds (``None`` if the key has no TTL).
+    ttl: float | None
+    #: When the holder's id was made, i.e. when the lock was taken, for an id
+    #: celery_unique made (see :func:`celery_unique.ids.issued_at`).
+    issued_at: datetime | None = None
+    #: Seconds since ``issued_at``, as the lock was read.
+    age: float | None = None
+    #: The holder's state in the result backend (PENDING, STARTED, SUCCESS, ...).
+    state: str | None = None
+    #: Whether the holder's running marker says a copy of it runs.
+    running: bool | None = None
+
+
 class UniqueLocks:
     """The locks of one Celery app: ``UniqueLocks(app).list()`` and friends.
 
@@ -73,18 +110,35 @@ class UniqueLocks:
     #: SCAN's COUNT, and so about how many locks each round trip handles.
     BATCH = 2000
 
-    # Read the holder and remaining life of a batch of locks.
+    # Read the holder and remaining life of a batch of locks and, if given
+    # their keys, the running marker of each lock's holder as read before.
     #
-    # KEYS[1..n] - lock keys
+    # KEYS[1..n]    - lock keys
+    # KEYS[n+1..2n] - (optional) the running marker of ARGV[i] under KEYS[i]
+    # ARGV[1..n]    - (with markers) the holder read before at KEYS[i]
     # return {holder 1, ttl 1, holder 2, ttl 2, ...}, TTLs in milliseconds;
-    #        for a key that is gone or is not a string, nil and -2
+    #        for a key that is gone or is not a string, nil and -2. With
+    #        markers, {holder 1, ttl 1, marker 1, ...}: the marker's value
+    #        while KEYS[i] is still held by ARGV[i], else nil
     READ_SCRIPT = """
+local n = #KEYS - #ARGV
+local width = #ARGV > 0 and 3 or 2
 local result = {}
-for i, key in ipairs(KEYS) do
+for i = 1, n do
+    local key = KEYS[i]
     local holder = redis.pcall('GET', key)
     if type(holder) == 'table' then holder = false end
-    result[2 * i - 1] = holder
-    result[2 * i] = holder and redis.call('PTTL', key) or -2
+    local at = width * (i - 1)
+    result[at + 1] = holder
+    result[at + 2] = holder and redis.call('PTTL', key) or -2
+    if width == 3 then
+        local marker = false
+        if holder == ARGV[i] then
+            marker = redis.pcall('GET', KEYS[n + i])
+            if type(marker) == 'table' then marker = false end
+        end
+        result[at + 3] = marker
+    end
 end
 return result
 """
@@ -135,6 +189,30 @@ return released
         unique = {lock.key: lock for lock in self.iter_locks(task_name, queue)}
         return sorted(unique.values(), key=_BY_TASK_QUEUE_KEY)
 
+    def describe(self, task_name: str | None = None, queue: str | None = None) -> builtins.list[LockStatus]:
+        """Return the held locks as :meth:`list` does, each with its age and its holder's state.
+
+        Age comes from the holder's id (see :func:`celery_unique.ids.issued_at`),
+        the state from the app's result backend, in one read per batch where
+        the backend allows it, and whether a copy of the holder runs from its
+        running marker, read with the lock. With no result backend the states
+        are unknown; a backend that fails leaves them unknown too, with one
+        warning logged: only the lock store's errors raise.
+        """
+        pattern = self._pattern(task_name, queue)
+        states = _States(self.app)
+        unique: dict[str, LockStatus] = {}
+        with self._errors(task_name, pattern):
+            client = self._client()
+            scripts = self._scripts(client)
+            for batch in self._scan(client, pattern):
+                holders = self._holders(client, scripts, batch)
+                if holders:
+                    marked = self._with_markers(client, scripts, holders)
+                    for status in self._statuses(batch, holders, marked, states):
+                        unique[status.key] = status
+        return sorted(unique.values(), key=_BY_TASK_QUEUE_KEY)
+
     def count(self, task_name: str | None = None, queue: str | None = None) -> int:
         """Return how many locks there are (a SCAN only: no holder is read)."""
         pattern = self._pattern(task_name, queue)
@@ -180,7 +258,7 @@ return released
 
         A holder has finished when the result backend says so for its task's
         ``unique_until`` (SUCCESS or REVOKED; FAILURE too under "finish" or
-        "start") and no copy of it runs (see :mod:`celery_unique.holders`):
+        "start") and no copy of it runs (see ``celery_unique.holders``):
         its release was missed, e.g. it ran on a worker that does not import
         celery_unique. Each release is atomic and owner-checked. Needs a
         result backend.
@@ -205,7 +283,7 @@ return released
 
         ``queues`` defaults to every task queue the app knows. Messages a worker
         has received (running, reserved, or waiting for an eta) are not in the
-        queues, so their locks stay (see :mod:`celery_unique.purge`).
+        queues, so their locks stay (see ``celery_unique.purge``).
         """
         names = queue_names(self.app, queues, exclude)
         with self._errors(None, ", ".join(names)):
@@ -312,6 +390,42 @@ return released
                     held[key] = (holder, pttl)
         return held
 
+    def _with_markers(self, client: Any, scripts: tuple[Script, Script], holders: _Holders) -> _Marked:
+        """Read ``holders`` again, each with the running marker of the holder read before."""
+        groups = _slot_groups(client, builtins.list(holders))
+        calls = []
+        for group in groups:
+            ids = [holders[key][0] for key in group]
+            # A marker shares its lock's hash slot: still one call per slot.
+            markers = [running_marker_key(key, _text(holder)) for key, holder in zip(group, ids, strict=True)]
+            calls.append(([*group, *markers], ids))
+        marked: _Marked = {}
+        for group, reply in zip(groups, _run(client, scripts[0], calls), strict=True):
+            for key, holder, pttl, marker in zip(group, reply[::3], reply[1::3], reply[2::3], strict=True):
+                if holder is not None:  # else released since the first read
+                    marked[key] = (holder, pttl, marker)
+        return marked
+
+    @staticmethod
+    def _statuses(
+        batch: dict[str, tuple[str, str]], holders: _Holders, marked: _Marked, states: _States
+    ) -> Iterator[LockStatus]:
+        ids = {key: _text(holder) for key, (holder, _, _) in marked.items()}
+        state_of = states.read(ids.values())
+        now = time.time()
+        for key, (holder, pttl, marker) in marked.items():
+            queue, task_name = batch[key]
+            task_id = ids[key]
+            born = issued_at(task_id, now)
+            # The marker read is the holder's read before; a lock that changed
+            # hands in between has a holder whose marker was not read.
+            running = marker_says_running(marker) if holder == holders[key][0] else None
+            yield LockStatus(
+                key, task_name, queue, task_id, None if pttl < 0 else pttl / 1000,
+                born, None if born is None else max(0.0, now - born.timestamp()),
+                state_of.get(task_id), running,
+            )
+
     @staticmethod
     def _locks(
         batch: dict[str, tuple[str, str]], holders: _Holders
@@ -345,6 +459,31 @@ return released
                 node = ", ".join(down)
                 reason = next(iter(down.values()))
         return LockStoreError(task_name or "", key, reason + note, node=node)
+
+
+class _States:
+    """Reads holders' states from an app's result backend, until the backend fails once.
+
+    After a failure the states stay unknown for the rest of the call: a
+    backend that is down would otherwise cost a timeout per batch.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.failed = False
+
+    def read(self, task_ids: Iterable[str]) -> dict[str, str]:
+        if self.failed:
+            return {}
+        try:
+            return stored_states(self.app.backend, task_ids)
+        except Exception as exc:  # any backend, any failure: the states are unknown
+            self.failed = True
+            logger.warning(
+                "the result backend failed (%s: %s): holder states are unknown",
+                type(exc).__name__, exc,
+            )
+            return {}
 
 
 def _part(name: str | None) -> str:
@@ -394,7 +533,7 @@ def _slot_groups(client: Any, keys: list[str]) -> list[list[str]]:
     return list(by_slot.values())
 
 
-def _run(client: Any, script: Script, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
+def _run(client: Any, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
     """Run ``script`` once per ``(keys, args)``: one call, or one cluster pipeline."""
     if not _is_cluster(client):
         return [script(keys=keys, args=args, client=client) for keys, args in calls]

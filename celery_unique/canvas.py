@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ from celery.backends.base import DisabledBackend
 
 from .errors import DuplicateTaskError
 
-__all__ = ["record_refusal", "replacement_of"]
+__all__ = ["in_hand_over", "record_refusal", "replacement_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ def record_refusal(
         errbacks=link_error,
         headers=options.get("headers"),
         delivery_info={"routing_key": options.get("routing_key"), "priority": options.get("priority")},
+        # Where an rpc:// backend sends the refused call's result: the queue
+        # of the caller that waits on it (Celery freezes canvas members with
+        # it), else this process's own.
+        reply_to=options.get("reply_to") or task._get_app().thread_oid,
+        correlation_id=task_id,
     )
     try:
         backend.mark_as_failure(task_id, error, request=request)
@@ -58,6 +64,45 @@ def record_refusal(
         logger.warning(
             "celery_unique: could not record refused task %s[%s] as failed (%r)", task.name, task_id, exc
         )
+
+
+def in_hand_over(app: Any) -> bool:
+    """Whether this call is a worker handing a canvas on after a task's body returned.
+
+    Celery sends a task's callbacks, its chain's next step and its chord's
+    body after the body returns, inside its trace (and errbacks as it records
+    a failure). Walking up from here, such a call reaches Celery's tracer
+    without passing through the body; a call the body makes passes through it.
+    """
+    from .worker import failing_request
+
+    if failing_request() is not None:
+        return True  # the main process records a dead task's failure and calls its errbacks
+    task = app.current_task
+    if task is None or getattr(task.request, "called_directly", True):
+        return False
+    run = getattr(task.run, "__func__", task.run)
+    body = getattr(run, "__code__", None)
+    frame = sys._getframe(1)
+    for _ in range(256):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code is body:
+            return False
+        if code.co_name == "trace_task" and code.co_filename == _TRACE_FILE:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _trace_file() -> str:
+    from celery.app import trace
+
+    return str(trace.__file__)
+
+
+_TRACE_FILE = _trace_file()
 
 
 def replacement_of(sig: Any, task_id: str) -> Any:

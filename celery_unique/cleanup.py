@@ -16,17 +16,18 @@ import threading
 
 import redis
 
-from .execution import per_process
 from .lock import LockStore
+from .perprocess import per_process
 
 __all__ = ["clean_up_later", "release_quietly"]
 
 logger = logging.getLogger(__name__)
 
 
-def release_quietly(store: LockStore, key: str, task_id: str) -> None:
+def release_quietly(store: LockStore, key: str, task_id: str, nonce: str = "") -> None:
+    """Release the lock an unpublished ``task_id`` took (and its "queued" marker), owner-checked."""
     try:
-        store.release(key, task_id)
+        store.release(key, task_id, nonce)
     except redis.RedisError as exc:
         logger.warning(
             "celery_unique: could not release lock %s of unpublished task %s (%s); "
@@ -43,7 +44,7 @@ class _Cleanup(threading.Thread):
     def __init__(self, store: LockStore) -> None:
         super().__init__(name="celery-unique-cleanup", daemon=True)
         self.store = store
-        self.pending: queue.Queue[tuple[str, str]] = queue.Queue(self.limit)
+        self.pending: queue.Queue[tuple[str, str, str]] = queue.Queue(self.limit)
 
     @classmethod
     def started(cls, store: LockStore) -> _Cleanup:
@@ -51,7 +52,7 @@ class _Cleanup(threading.Thread):
         cleanup.start()
         return cleanup
 
-    def put(self, item: tuple[str, str]) -> None:
+    def put(self, item: tuple[str, str, str]) -> None:
         try:
             self.pending.put_nowait(item)
         except queue.Full:
@@ -59,15 +60,15 @@ class _Cleanup(threading.Thread):
 
     def run(self) -> None:
         while True:
-            key, task_id = self.pending.get()
-            release_quietly(self.store, key, task_id)
+            key, task_id, nonce = self.pending.get()
+            release_quietly(self.store, key, task_id, nonce)
 
 
-def clean_up_later(store: LockStore, key: str, task_id: str) -> None:
+def clean_up_later(store: LockStore, key: str, task_id: str, nonce: str = "") -> None:
     """Release, in the background, the lock an unpublished ``task_id`` may have taken.
 
     One thread per store and process, started on the first call, releases
     them one after another: against a stalled server each release may wait
     out a timeout, which the caller does not.
     """
-    per_process(store, "cleanup", _Cleanup.started).put((key, task_id))
+    per_process(store, "cleanup", _Cleanup.started).put((key, task_id, nonce))

@@ -1,4 +1,4 @@
-"""``celery -A proj unique list|release KEY|clear|reap|purge``: the lock admin on the command line.
+"""``celery -A proj unique list|count|release KEY|clear|reap|purge``: the lock admin on the command line.
 
 Registered as a Celery subcommand through the ``celery.commands`` entry point.
 What the subcommands share lives here once:
@@ -9,18 +9,24 @@ What the subcommands share lives here once:
 * commands that read many locks first say which lock store they read, with
   any password hidden, so that an empty answer from the wrong store shows;
 * ``--task`` and ``--queue`` filter, and ``--task`` takes a short name;
-* counts are spelt ``1 lock``, ``2 locks``.
+* ``--json`` (list, count, reap, purge) prints one JSON document on stdout
+  instead, the lock store in it; errors stay on stderr with the same exit
+  status, and so do warnings (``Warning: ...``, exit status 0);
+* counts are spelt ``1 lock``, ``2 locks``; durations ``42s``, ``5m07s``,
+  ``3h02m``, ``2d04h``.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
-from .admin import LockInfo, UniqueLocks
+from .admin import LockStatus, UniqueLocks
 from .config import describe_store
 from .errors import UniqueTaskError
 
@@ -41,9 +47,23 @@ class _AdminGroup(click.Group):
             raise click.ClickException(str(exc)) from exc
 
 
+class _WarningLine(logging.Handler):
+    """Prints the admin's warnings (a result backend that fails) as one ``Warning: ...`` line on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"Warning: {record.getMessage()}", err=True)
+
+
 @click.group(name="unique", cls=_AdminGroup)
 def unique() -> None:
     """Inspect and release celery_unique locks."""
+    logger = logging.getLogger("celery_unique.admin")
+    if not any(isinstance(handler, _WarningLine) for handler in logger.handlers):
+        logger.addHandler(_WarningLine())
+        logger.propagate = False  # once is enough: not again through a handler of the app's
 
 
 # -- shared by the subcommands -------------------------------------------------
@@ -59,6 +79,17 @@ def _filter_options(command: F) -> F:
     return task(queue(command))
 
 
+def _json_option(command: F) -> F:
+    """Add ``--json`` to a subcommand."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead (see the README)."
+    )(command)
+
+
+def _echo_json(document: dict[str, Any]) -> None:
+    click.echo(json.dumps(document))
+
+
 def _admin(ctx: click.Context) -> UniqueLocks:
     """The lock admin of the app given with ``celery -A``."""
     return UniqueLocks(ctx.obj.app)
@@ -67,6 +98,11 @@ def _admin(ctx: click.Context) -> UniqueLocks:
 def _say_store(ctx: click.Context) -> None:
     """Print which lock store the command reads."""
     click.echo(f"Lock store: {describe_store(ctx.obj.app)}")
+
+
+def _head(ctx: click.Context, task_name: str | None, queue: str | None) -> dict[str, Any]:
+    """The first fields of a JSON answer: the lock store read and the filters (null if not given)."""
+    return {"lock_store": describe_store(ctx.obj.app), "filter": {"task_name": task_name, "queue": queue}}
 
 
 def _plural(count: int, noun: str) -> str:
@@ -119,26 +155,51 @@ def _full_task_name(ctx: click.Context, param: click.Parameter, name: str | None
 _TABLE_CHUNK = 1000
 
 
-def _echo_table(locks: list[LockInfo]) -> None:
+def _echo_table(locks: list[LockStatus]) -> None:
     """Print ``locks`` as a table aligned on its widest cells, a chunk of lines at a time."""
-    header = ("TASK", "QUEUE", "HOLDER", "TTL", "KEY")
-    widths = [
-        max(len(header[0]), *(len(lock.task_name) for lock in locks)),
-        max(len(header[1]), *(len(lock.queue) for lock in locks)),
-        max(len(header[2]), *(len(lock.task_id) for lock in locks)),
-        max(len(header[3]), *(len(_ttl(lock.ttl)) for lock in locks)),
+    header = ("TASK", "QUEUE", "HOLDER", "AGE", "TTL", "STATE", "KEY")
+    rows = [
+        (lock.task_name, lock.queue, lock.task_id, _duration(lock.age), _duration(lock.ttl),
+         _state(lock), lock.key)
+        for lock in locks
     ]
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header) - 1)]
     line = "  ".join(f"{{:<{width}}}" for width in widths) + "  {}"
     click.echo(line.format(*header))
-    for start in range(0, len(locks), _TABLE_CHUNK):
-        click.echo("\n".join(
-            line.format(lock.task_name, lock.queue, lock.task_id, _ttl(lock.ttl), lock.key)
-            for lock in locks[start:start + _TABLE_CHUNK]
-        ))
+    for start in range(0, len(rows), _TABLE_CHUNK):
+        click.echo("\n".join(line.format(*row) for row in rows[start:start + _TABLE_CHUNK]))
 
 
-def _ttl(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.0f}s"
+def _duration(seconds: float | None) -> str:
+    """``42s``, ``5m07s``, ``3h02m``, ``2d04h`` (whole units, rounded down), or ``-`` if unknown."""
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _state(lock: LockStatus) -> str:
+    """The holder's stored state, with ``running`` if a copy of it runs: ``PENDING, running``."""
+    parts = [lock.state] if lock.state else []
+    if lock.running:
+        parts.append("running")
+    return ", ".join(parts) or "-"
+
+
+def _lock_json(lock: LockStatus) -> dict[str, Any]:
+    """One lock of ``list --json``: LockStatus's fields, its time in ISO 8601."""
+    fields = lock._asdict()
+    if lock.issued_at is not None:
+        fields["issued_at"] = lock.issued_at.isoformat(timespec="milliseconds")
+    if lock.age is not None:
+        fields["age"] = round(lock.age, 3)
+    return fields
 
 
 # -- the subcommands -----------------------------------------------------------
@@ -146,16 +207,37 @@ def _ttl(seconds: float | None) -> str:
 
 @unique.command(name="list")
 @_filter_options
+@_json_option
 @click.pass_context
-def list_locks(ctx: click.Context, task_name: str | None, queue: str | None) -> None:
-    """List held locks: task, queue, holder task id, TTL and key."""
-    _say_store(ctx)
-    locks = _admin(ctx).list(task_name=task_name, queue=queue)
+def list_locks(ctx: click.Context, task_name: str | None, queue: str | None, as_json: bool) -> None:
+    """List held locks: task, queue, holder task id, age, TTL, the holder's state and key."""
+    if not as_json:
+        _say_store(ctx)
+    locks = _admin(ctx).describe(task_name=task_name, queue=queue)
+    if as_json:
+        locks_json = [_lock_json(lock) for lock in locks]
+        _echo_json({**_head(ctx, task_name, queue), "count": len(locks), "locks": locks_json})
+        return
     if not locks:
         click.echo(f"No locks held{_scope(task_name, queue)}.")
         return
     _echo_table(locks)
     click.echo(f"{_plural(len(locks), 'lock')} held{_scope(task_name, queue)}.")
+
+
+@unique.command(name="count")
+@_filter_options
+@_json_option
+@click.pass_context
+def count_locks(ctx: click.Context, task_name: str | None, queue: str | None, as_json: bool) -> None:
+    """Count held locks, without reading them (a SCAN only)."""
+    if not as_json:
+        _say_store(ctx)
+    count = _admin(ctx).count(task_name=task_name, queue=queue)
+    if as_json:
+        _echo_json({**_head(ctx, task_name, queue), "count": count})
+        return
+    click.echo(f"{_plural(count, 'lock')} held{_scope(task_name, queue)}.")
 
 
 @unique.command(name="release")
@@ -195,11 +277,16 @@ def clear_locks(ctx: click.Context, task_name: str | None, queue: str | None, ye
 
 @unique.command(name="reap")
 @_filter_options
+@_json_option
 @click.pass_context
-def reap_locks(ctx: click.Context, task_name: str | None, queue: str | None) -> None:
+def reap_locks(ctx: click.Context, task_name: str | None, queue: str | None, as_json: bool) -> None:
     """Release the locks of tasks that have finished (per the result backend) but kept them."""
-    _say_store(ctx)
+    if not as_json:
+        _say_store(ctx)
     reaped = _admin(ctx).reap(task_name=task_name, queue=queue)
+    if as_json:
+        _echo_json({**_head(ctx, task_name, queue), "released": reaped})
+        return
     if reaped == 0:
         click.echo(f"No lock of a finished task{_scope(task_name, queue)}.")
     else:
@@ -212,9 +299,10 @@ def reap_locks(ctx: click.Context, task_name: str | None, queue: str | None) -> 
 @click.option("-X", "--exclude-queues", default=None, metavar="QUEUES",
               help="Comma separated list of queue names not to purge.")
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@_json_option
 @click.pass_context
 def purge_queued(
-    ctx: click.Context, queues: str | None, exclude_queues: str | None, force: bool
+    ctx: click.Context, queues: str | None, exclude_queues: str | None, force: bool, as_json: bool
 ) -> None:
     """Remove the queued messages, as `celery purge` does, and release exactly their locks."""
     from kombu.exceptions import OperationalError
@@ -224,19 +312,30 @@ def purge_queued(
     app = ctx.obj.app
     names = queue_names(app, _split(queues), _split(exclude_queues) or ())
     if not names:
-        click.echo("No queue to purge.")
+        if as_json:
+            _echo_json({"lock_store": describe_store(app), "queues": [], "messages": 0, "released": 0})
+        else:
+            click.echo("No queue to purge.")
         return
-    _say_store(ctx)
+    if not as_json:
+        _say_store(ctx)
     if not force:
+        # With --json the question goes to stderr: stdout holds the document only.
         click.confirm(
             f"Delete every message of {_plural(len(names), 'queue')} ({', '.join(names)}) "
             "and release their locks?",
-            abort=True,
+            abort=True, err=as_json,
         )
     try:
         result = _admin(ctx).purge(names)
     except OperationalError as exc:
         raise click.ClickException(f"the broker did not answer: {exc}") from exc
+    if as_json:
+        _echo_json({
+            "lock_store": describe_store(app), "queues": names,
+            "messages": result.messages, "released": result.released,
+        })
+        return
     click.echo(
         f"Purged {_plural(result.messages, 'message')} from {_plural(len(names), 'queue')}; "
         f"released {_plural(result.released, 'lock')}."

@@ -43,7 +43,15 @@ if TYPE_CHECKING:
 
     from .lock import LockStore
 
-__all__ = ["StoreTarget", "UniqueConfig", "describe_store", "lock_store", "setting_name"]
+__all__ = [
+    "ENABLED_VARIABLE",
+    "StoreTarget",
+    "UniqueConfig",
+    "describe_store",
+    "lock_store",
+    "locking_switch",
+    "setting_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +63,13 @@ _state_lock = threading.Lock()
 #: inherit: where the master is and how to reach the Sentinels, nothing that
 #: tunes kombu's transport.
 SENTINEL_ADDRESS_OPTIONS = ("master_name", "sentinel_kwargs")
+
+#: The environment variable that turns locking on or off, whatever the settings say.
+ENABLED_VARIABLE = "CELERY_UNIQUE_ENABLED"
+_ENV_FLAGS = {
+    "0": False, "false": False, "no": False, "off": False,
+    "1": True, "true": True, "yes": True, "on": True,
+}
 
 
 def setting_name(app: Celery, key: str) -> str:
@@ -94,6 +109,9 @@ class UniqueConfig:
     #: Check a refused duplicate's holder against its stored state, and take
     #: over the lock of a holder that has finished (needs a result backend).
     check_holder: bool = True
+    #: Whether unique calls take locks at all (``unique_enabled``, overridden
+    #: by the ``CELERY_UNIQUE_ENABLED`` environment variable).
+    enabled: bool = True
 
     @classmethod
     def from_app(cls, app: Celery) -> UniqueConfig:
@@ -107,6 +125,11 @@ class UniqueConfig:
         if not isinstance(prefix, str) or not prefix:
             raise ConfigurationError(
                 f"{name('unique_key_prefix')} must be a non-empty string, not {prefix!r}"
+            )
+        if not _whole_hash_tag(prefix):
+            raise ConfigurationError(
+                f"{name('unique_key_prefix')} may hold braces only as a whole Redis Cluster hash "
+                f"tag, such as '{{locks}}': {prefix!r} would put a lock and its marker in different slots"
             )
         timeout = conf.get("unique_redis_socket_timeout", cls.socket_timeout)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -142,6 +165,7 @@ class UniqueConfig:
             raise ConfigurationError(
                 f"{name('unique_check_holder')} must be True or False, not {check_holder!r}"
             )
+        enabled, _ = locking_switch(app)
         url = conf.get("unique_redis_url")
         if url is not None and not isinstance(url, str):
             raise ConfigurationError(f"{name('unique_redis_url')} must be a string, not {redact(url)!r}")
@@ -167,7 +191,20 @@ class UniqueConfig:
             redis_options=dict(options),
             running_ttl=float(running_ttl),
             check_holder=check_holder,
+            enabled=enabled,
         )
+
+
+def _whole_hash_tag(prefix: str) -> bool:
+    # Redis hashes the part between the first "{" and the next "}" when it is
+    # not empty. A lock key "<prefix>:..." and its marker "<prefix>:run:{<lock
+    # key>}:..." share a slot when the prefix has no brace, or when its first
+    # "{" opens a non-empty tag before any "}".
+    if "{" not in prefix and "}" not in prefix:
+        return True
+    start = prefix.find("{")
+    end = prefix.find("}", start + 1) if start >= 0 else -1
+    return start >= 0 and end > start + 1 and "}" not in prefix[:start]
 
 
 @dataclass(frozen=True)
@@ -297,6 +334,29 @@ class StoreTarget:
         return master_name, dict(sentinel_kwargs)
 
 
+def locking_switch(app: Celery) -> tuple[bool, str]:
+    """Return whether ``app``'s unique calls lock, and what says so.
+
+    The ``CELERY_UNIQUE_ENABLED`` environment variable, when set, wins over
+    the ``unique_enabled`` setting, which wins over the default (on): an
+    emergency switch needs no change to the code or the settings module.
+    """
+    value = os.environ.get(ENABLED_VARIABLE, "").strip()
+    if value:
+        flag = _ENV_FLAGS.get(value.lower())
+        if flag is None:
+            raise ConfigurationError(
+                f"the {ENABLED_VARIABLE} environment variable must be one of "
+                f"{', '.join(_ENV_FLAGS)}, not {value!r}"
+            )
+        return flag, f"environment variable {ENABLED_VARIABLE}={value}"
+    name = setting_name(app, "unique_enabled")
+    enabled = app.conf.get("unique_enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigurationError(f"{name} must be True or False, not {enabled!r}")
+    return enabled, f"{name}={enabled}"
+
+
 def _broker_url(app: Celery) -> tuple[str, Any]:
     """Return the setting the URL Celery publishes with comes from, and that URL.
 
@@ -349,9 +409,25 @@ class _AppState:
 
     def __init__(self, app: Celery) -> None:
         self.config = UniqueConfig.from_app(app)
+        if not self.config.enabled:
+            _warn_disabled_once(app)
         self._app = app
         self._target: StoreTarget | None = None
         self._store: LockStore | None = None
+        self._redelivery_window: float | None = None
+
+    @property
+    def redelivery_window(self) -> float:
+        """Seconds a message may stay unacknowledged before the broker can deliver a copy of it.
+
+        The visibility timeout of a transport that has one (Redis, SQS),
+        from ``broker_transport_options`` or the transport's default; 0 for
+        a broker that redelivers an unacknowledged message whenever its
+        connection drops (RabbitMQ), so that a copy may appear at any time.
+        """
+        if self._redelivery_window is None:
+            self._redelivery_window = _redelivery_window(self._app)
+        return self._redelivery_window
 
     @property
     def target(self) -> StoreTarget:
@@ -376,6 +452,43 @@ class _AppState:
                 if self._store is None:
                     self._store = LockStore(connect(self.target, self.config.socket_timeout))
         return self._store
+
+
+def _redelivery_window(app: Celery) -> float:
+    try:
+        connection = app.connection_for_read()
+        try:
+            channel = getattr(connection.transport, "Channel", None)
+            options = connection.transport_options or {}
+        finally:
+            connection.release()
+    except Exception:  # an unusable broker setting: the worker says so itself
+        return 0.0
+    default = getattr(channel, "visibility_timeout", None) or getattr(
+        channel, "default_visibility_timeout", None
+    )
+    if not isinstance(default, (int, float)):
+        return 0.0
+    timeout = options.get("visibility_timeout", default)
+    return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else float(default)
+
+
+_warned_disabled = threading.Event()
+
+
+def _warn_disabled_once(app: Celery) -> None:
+    # A production process should never run with the switch off unnoticed.
+    # Under pytest, where turning it off is the point, PYTEST_CURRENT_TEST is
+    # set for each test and inherited by the processes a test starts (a
+    # worker subprocess); `"pytest" in sys.modules` would miss those, and
+    # would hold in any process that merely imported celery_unique.testing.
+    if _warned_disabled.is_set() or os.environ.get("PYTEST_CURRENT_TEST"):
+        return
+    _warned_disabled.set()
+    _, source = locking_switch(app)
+    logger.warning(
+        "celery_unique: locking is disabled (%s): unique tasks are published without locks", source
+    )
 
 
 def app_state(app: Celery) -> _AppState:

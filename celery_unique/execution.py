@@ -1,48 +1,59 @@
-"""A run of a task whose message carries a lock: when the lock goes, and its running marker.
+"""A run of a task whose message carries a lock: how it begins, how it ends, and what the lock does.
 
-The lock key travels with the task in the ``celery_unique_lock`` message header
-and ``celery_unique_until`` says when to release it, if not on success. A run
-begins as the task starts and ends with one outcome:
+A run begins as Celery starts the task (``task_prerun``) and ends as Celery
+finishes with it (``task_postrun``), so the body runs exactly as Celery runs
+it: no frame and no request of the package's own. Its end depends on the
+outcome and on ``unique_until``:
 
-============  ===========================  =====================================
-outcome       what happened                the lock
-============  ===========================  =====================================
-success       the body returned            released ("success", "finish")
-failure       a final failure              released under "finish", else kept
-retry         ``Task.retry()``             kept: the retry carries it
-requeue       ``Reject(requeue=True)``     kept: the message comes back
-replaced      ``Task.replace()``           kept: the replacement carries it
-============  ===========================  =====================================
+==========================  ==================  ==================  ===============
+outcome                     "success"           "finish"            "start"
+==========================  ==================  ==================  ===============
+success                     released            released            released at start
+final failure               kept (TTL)          released            released at start
+retry, replace              continued by the new attempt
+``Reject(requeue=True)``    kept: the message comes back and runs again
+``Ignore``                  as the state the task stored itself (FAILURE: a failure)
+==========================  ==================  ==================  ===============
 
-Under "start" the lock goes as the run begins. Every release is owner-checked
-against the task id, so a task whose lock expired, or a forged header, can
-never delete a lock another task holds. A ``Task.replace()`` or an ``Ignore``
-after the task stored its own state follows the same table through the state
-it stored.
+Every release is owner-checked against the task id. Whether a run is
+*marked* (see :mod:`celery_unique.lock`) depends on whether a copy of its
+message can exist:
 
-Outside eager mode a run also holds the task id's running marker (see
-:mod:`celery_unique.lock`) while it runs, renewed by a heartbeat thread: a
-second copy of the same task id (a message redelivered after its visibility
-timeout, say) does not run beside it, but is published again with a
-countdown, and runs later only if the first copy's worker died.
+* **unmarked** (the default: early acknowledgement, no countdown or eta, or
+  one short enough): once the run has begun, the message is acknowledged
+  and the broker holds no copy, so the run costs one round trip, at its
+  end, and leaves no key;
+* **marked**: the message was redelivered or held back, it waited long
+  enough for the broker to copy it, or it is acknowledged late on a broker
+  that redelivers on a dropped connection. The run holds a marker, renewed
+  by the process's keeper; a second copy of the same attempt is held back
+  while it runs, and dropped once it has ended. A run acknowledged late on
+  a broker with a visibility timeout begins unmarked and is marked a
+  quarter of that timeout after its message was received, before any copy
+  can exist.
+
+docs/protocol.md states the whole protocol and its invariants.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
-import os
-import threading
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+import sys
+import time
+from typing import TYPE_CHECKING, Any
 
-import redis
 from celery import states
 from celery.exceptions import Ignore
 
+from . import liveness
 from .config import app_state
 from .errors import ConfigurationError
+from .headers import HELD_HEADER, RECEIVED_KEY, Carried, carried_by, headers_of
 from .holders import stored_state
-from .lock import LockStore, attempt_of, running_marker_key
+from .keeper import keeper
+from .keys import marker_key
+from .lock import KEEP, RELEASE, REQUEUE, Attempt, Outcome
 
 if TYPE_CHECKING:
     from celery import Task
@@ -50,183 +61,269 @@ if TYPE_CHECKING:
     from .config import _AppState
 
 __all__ = [
-    "LOCK_HEADER",
-    "REPLACES_HEADER",
-    "UNTIL_HEADER",
+    "RUN_ATTR",
     "Run",
     "begin_run",
-    "lock_of",
-    "marker_owner",
-    "per_process",
+    "eager_calls",
+    "end_run",
+    "hold_back",
+    "pending_eager_retry",
     "report_configuration_once",
+    "worker_state",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: The message header that carries a task's lock key to the worker.
-LOCK_HEADER = "celery_unique_lock"
-#: The message header that says when to release, if not on success.
-UNTIL_HEADER = "celery_unique_until"
-#: Set on a replacement's message: the task id whose lock it continues.
-REPLACES_HEADER = "celery_unique_replaces"
-
-Outcome = Literal["success", "failure", "retry", "requeue", "replaced"]
-
-# unique_until -> the outcomes that release the lock at the end of a run.
-_RELEASED_BY: dict[str, frozenset[str]] = {
-    "success": frozenset({"success"}),
-    "finish": frozenset({"success", "failure"}),
-    "start": frozenset(),
-}
-# Outcomes after which no copy of this attempt may run again.
-_ENDS_ATTEMPT = frozenset({"success", "failure", "retry", "replaced"})
-
 #: Attribute of a request (Celery's ``Context``) that holds its run.
 RUN_ATTR = "_celery_unique_run"
 
+# The message of the Ignore that Celery's Task.on_replace raises.
+_REPLACED = "Replaced by new task"
+# Verdicts of a run's beginning that let the body run.
+_RUNS = frozenset({"run", "stray"})
 
-def lock_of(request: Any) -> tuple[str, str] | None:
-    """Return ``(lock key, unique_until)`` carried by a request, or None."""
-    headers = getattr(request, "headers", None)
-    if not isinstance(headers, Mapping):
-        return None
-    key = headers.get(LOCK_HEADER)
-    if not isinstance(key, str) or not getattr(request, "id", None):
-        return None
-    until = headers.get(UNTIL_HEADER)
-    return key, until if until in _RELEASED_BY else "success"
+#: Set while UniqueTask.apply_async runs a task eagerly (task_always_eager):
+#: ``[task id it locked, whether the run began]``, so that apply() does not
+#: lock it again, and an error after the run began is not a failed publish.
+eager_calls: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "celery_unique_eager_calls", default=None
+)
+# An eager run that retried: Celery's apply() runs the retry right after the
+# run ends, under the same id and lock.
+_eager_retry: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "celery_unique_eager_retry", default=None
+)
+#: What UniqueTask gets for a call that is an eager run's retry.
+_EAGER_RETRY = object()
+
+
+def pending_eager_retry(task_id: str, retries: Any) -> bool:
+    """Whether a call of ``task_id`` with ``retries`` is the retry an eager run just left; forget it."""
+    pending = _eager_retry.get()
+    if pending is None or pending != (task_id, int(retries or 0)):
+        return False
+    _eager_retry.set(None)
+    return True
 
 
 class Run:
     """One run of one copy of a task that carries a lock."""
 
-    def __init__(self, task: Task, request: Any, key: str, until: str, state: _AppState) -> None:
+    def __init__(self, task: Task, request: Any, carried: Carried, state: _AppState) -> None:
         self.task = task
-        self.task_id: str = request.id
-        self.key = key
-        self.until = until
+        self.key = carried.key
+        self.until = carried.until
         self.state = state
+        self.attempt = Attempt(
+            request.id,
+            int(getattr(request, "replaced_task_nesting", 0) or 0),
+            int(request.retries or 0),
+            carried.nonce,
+        )
         self.eager = bool(getattr(request, "is_eager", False))
-        self.attempt = attempt_of(request.retries, getattr(request, "replaced_task_nesting", 0))
-        self.marker = running_marker_key(key, self.task_id)
-        #: Where this copy runs: the worker's node name and the process id, as
-        #: the worker's main process can also name it (see UniqueRequest).
-        self.owner = marker_owner(getattr(request, "hostname", None), os.getpid())
-        self.running = f"run|{self.attempt}|{self.owner}"
-        #: Whether this copy holds the running marker (False in eager mode, or
-        #: when the lock store could not be reached as the run began).
-        self.holds_marker = False
-        #: Set by ``UniqueTask.on_replace``: the body replaced itself.
-        self.replaced = False
-        self.ended = False
+        self.owner = liveness.owner(getattr(request, "hostname", None))
+        #: "run" or "stray" once begun; "wait", "skip" or "drop" for a copy that must not run.
+        self.verdict = "run"
+        #: The marker value this run holds, if it is marked.
+        self.marker: str | None = None
+        #: Set when this run published its own retry or replacement.
+        self.continued = False
+        #: The state this run stored itself (``update_state``).
+        self.stored: str | None = None
+        #: How long the copy that holds the marker would keep it, for a "wait".
+        self.wait_ms = 0
+        #: Whether the keeper holds a pending mark of this run.
+        self._scheduled = False
 
     @property
-    def store(self) -> LockStore:
-        return self.state.store
+    def task_id(self) -> str:
+        return self.attempt.task_id
 
-    def begin(self) -> Literal["run", "wait", "skip", "revoked"]:
-        """Take the running marker; return "run", or "wait", "skip" or "revoked" (see BEGIN_SCRIPT)."""
-        release_id = self.task_id if self.until == "start" else ""
+    # -- beginning ------------------------------------------------------------------------------
+
+    def begin(self, request: Any) -> None:
+        """Mark the run if a copy of its message may exist, or schedule that; release under "start"."""
         if self.eager:
-            if release_id:
-                self._release()
-            return "run"
-        ttl_ms = _ms(self.state.config.running_ttl)
+            if self.until == "start":
+                self._release_now()
+            return
+        if _revoked_here(self.task_id):
+            # A revoke this process knows of, for a task Celery runs anyway (a
+            # threads pool took it before the revoke came): dropped, its lock freed.
+            self.verdict = "drop"
+            try:
+                self.state.store.discard(self.key, self.attempt, drop_later=True)
+            except Exception as exc:
+                warn_release_failed(self.task, self.task_id, self.key, exc)
+            return
+        window = self.state.redelivery_window
+        headers = headers_of(request) or {}
+        received = headers.get(RECEIVED_KEY)
+        age = time.time() - received if isinstance(received, (int, float)) else None
+        redelivered = bool((getattr(request, "delivery_info", None) or {}).get("redelivered"))
+        acks_late = bool(self.task.acks_late)
+        aged = window > 0 and (age is None or age >= window / 2)
+        copied = headers.get(HELD_HEADER) or redelivered or aged
+        if copied or (acks_late and (window == 0 or self.until == "start")):
+            self.mark()
+        elif acks_late and isinstance(received, (int, float)):
+            self._scheduled = True
+            keeper(self.state).schedule(self, received + window / 4, self._mark_late)
+        if self.until == "start" and self.marker is None and self.verdict in _RUNS:
+            self._release_now()
+
+    def mark(self, evict: str = "") -> None:
+        """Take the running marker (BEGIN_SCRIPT); set the verdict."""
+        ttl_ms = int(self.state.config.running_ttl * 1000)
         try:
-            verdict = self.store.begin(
-                self.key, self.marker, self.attempt, self.owner, ttl_ms, release_id
+            reply = self.state.store.begin(
+                self.key, self.attempt, self.owner, liveness.proof(), ttl_ms,
+                release=self.until == "start", evict=evict,
             )
-        except redis.RedisError as exc:
-            # The task runs anyway: a lock store that is down must not stop work.
+        except Exception as exc:  # a lock store that is down must not stop work
             logger.warning(
                 "celery_unique: could not mark task %s[%s] running (%s); it runs unmarked",
                 self.task.name, self.task_id, exc,
             )
-            return "run"
+            self.verdict = "stray"
+            return
+        verdict = str(reply[0])
+        if verdict == "wait" and not evict:
+            holder = str(reply[2]).split("|")
+            if len(holder) >= 7 and liveness.shown_dead(holder[5], holder[6]):
+                logger.info(
+                    "celery_unique: task %s[%s]: the copy that ran at %s is dead; this copy runs",
+                    self.task.name, self.task_id, holder[5],
+                )
+                self.mark(evict=str(reply[2]))
+                return
+        self.verdict = verdict
         if verdict == "run":
-            self.holds_marker = True
-            heartbeat(self.state).add(self.marker, self.running)
-            return "run"
-        if verdict == "skip":
-            return "skip"
-        if verdict == "revoked":
-            return "revoked"
-        return "wait"
+            self.marker = str(reply[1])
+            keeper(self.state).add(self._marker_key, self.marker)
+        elif verdict == "wait":
+            self.wait_ms = int(reply[1])
 
-    def end(self, outcome: Outcome) -> None:
-        """End the run with ``outcome``: leave the marker and release the lock as it says."""
-        if self.ended:
-            return
-        self.ended = True
-        release = outcome in _RELEASED_BY[self.until]
-        if not self.holds_marker:
-            if release:
-                self._release()
-            return
-        heartbeat(self.state).discard(self.marker)
-        leave = f"done|{self.attempt}" if outcome in _ENDS_ATTEMPT else ""
-        done_ttl_ms = 3 * _ms(self.state.config.running_ttl)
+    def _mark_late(self) -> None:
+        # From the keeper's thread: the run may have ended meanwhile (cancel()
+        # then waited for this), so only a run still under way is marked.
+        if self.verdict == "run" and self.marker is None:
+            self.mark()
+            if self.verdict != "run":
+                logger.warning(
+                    "celery_unique: task %s[%s] could not be marked running (%s)",
+                    self.task.name, self.task_id, self.verdict,
+                )
+                self.verdict = "stray"
+
+    @property
+    def _marker_key(self) -> str:
+        return marker_key(self.key, self.task_id)
+
+    def _release_now(self) -> None:
         try:
-            self.store.end(
-                self.key, self.marker, self.running, leave, done_ttl_ms, self.task_id if release else ""
+            self.state.store.discard(self.key, self.attempt, drop_later=False)
+        except Exception as exc:
+            warn_release_failed(self.task, self.task_id, self.key, exc)
+
+    # -- end ------------------------------------------------------------------------------------
+
+    def end(self, celery_state: str | None, retval: Any) -> None:
+        """End the run as Celery's outcome says (see the table above)."""
+        if self._scheduled:
+            keeper(self.state).cancel(self)
+        if self.marker is not None:
+            keeper(self.state).discard(self._marker_key)
+        if self.verdict not in _RUNS or self.continued:
+            return
+        outcome = self.outcome(celery_state, retval)
+        if self.until == "start" and outcome is not None:
+            outcome = KEEP  # released as it began
+        if outcome is None or (outcome != RELEASE and self.marker is None):
+            return  # nothing to write: the lock stays as it is, and no marker exists
+        self.finish(outcome)
+
+    def finish(self, outcome: Outcome) -> None:
+        """Send the run's end to the lock store (END_SCRIPT)."""
+        try:
+            self.state.store.end(
+                self.key, self.attempt, self.owner, outcome, leave_done=self.marker is not None
             )
-        except redis.RedisError as exc:
+        except Exception as exc:
             warn_release_failed(self.task, self.task_id, self.key, exc)
 
-    def abandon(self) -> None:
-        """Stop renewing the marker of a run whose body raised a BaseException that is not an Exception.
+    def outcome(self, celery_state: str | None, retval: Any) -> Outcome | None:
+        """What the lock does at the end of a run that Celery finished with ``celery_state``."""
+        if celery_state == states.SUCCESS:
+            return RELEASE
+        if celery_state == states.RETRY and self.eager and getattr(retval, "sig", None) is not None:
+            _eager_retry.set((self.task_id, self.attempt.retries + 1))
+            return None  # Celery's apply() runs the retry at once, under this lock
+        if celery_state == states.REJECTED:
+            if getattr(retval, "requeue", False) and self.task.acks_late and not self.eager:
+                return REQUEUE
+            return self._failed()
+        if celery_state == states.IGNORED:
+            if isinstance(retval, Ignore) and str(retval) == _REPLACED:
+                return None  # a plain task's Task.replace(): the replacement runs under this id
+            # Celery's documented pattern stores a state itself, then ignores:
+            # ``update_state(state=FAILURE, ...); raise Ignore()``.
+            stored = self.stored if self.stored is not None else stored_state(self.task.backend, self.task_id)
+            return self._failed() if stored == states.FAILURE else RELEASE
+        if celery_state is None:
+            if isinstance(sys.exc_info()[1], Exception):
+                return self._failed()  # eager, with task_eager_propagates: raised to the caller
+            # The body raised a BaseException that is not an Exception: the
+            # process is on its way out, or a threads pool goes on. The lock
+            # stays; a marker goes, so that a copy that comes back runs.
+            return REQUEUE if self.marker is not None else None
+        return self._failed()  # FAILURE, or RETRY with nothing published
 
-        Whether the process goes on (a threads pool) or is on its way out, the
-        marker then expires within ``unique_running_ttl``, as a dead worker's
-        does, instead of saying for ever that the task runs.
-        """
-        if not self.ended and self.holds_marker:
-            self.ended = True
-            heartbeat(self.state).discard(self.marker)
-
-    def end_ignored(self) -> None:
-        """End a run whose body raised ``Ignore``: replaced, or judged by the state it stored."""
-        if self.replaced:
-            self.end("replaced")
-            return
-        # celery's documented pattern stores a state itself, then ignores:
-        # ``update_state(state=FAILURE, ...); raise Ignore()``.
-        state = stored_state(self.task.backend, self.task_id)
-        self.end("failure" if state == states.FAILURE else "success")
-
-    def _release(self) -> None:
-        try:
-            self.store.release(self.key, self.task_id)
-        except redis.RedisError as exc:
-            warn_release_failed(self.task, self.task_id, self.key, exc)
+    def _failed(self) -> Outcome:
+        return RELEASE if self.until == "finish" else KEEP
 
 
-def marker_owner(hostname: str | None, pid: int | None) -> str:
-    """Return the owner part of a running marker: ``<worker node name>/<pid>``."""
-    return f"{hostname or 'local'}/{pid}"
+
+
+def _revoked_here(task_id: str) -> bool:
+    module = sys.modules.get("celery.worker.state")
+    revoked = getattr(module, "revoked", None)
+    return revoked is not None and task_id in revoked
 
 
 def begin_run(task: Task, request: Any) -> Run | None:
-    """Return the begun run of ``request``, or None if it carries no lock.
+    """Begin the run of ``request``, or return None if it carries no lock.
 
     A request is begun once: a task calling itself directly inside its body
     shares its request's run and does not begin another.
     """
     if getattr(request, "called_directly", True) or RUN_ATTR in request.__dict__:
         return None
-    carried = lock_of(request)
-    if carried is None:
+    carried = carried_by(headers_of(request))
+    if carried is None or not getattr(request, "id", None):
         return None
     state = worker_state(task)
     if state is None:
         return None
-    run = Run(task, request, carried[0], carried[1], state)
+    run = Run(task, request, carried, state)
     request.__dict__[RUN_ATTR] = run
+    if run.eager:
+        eager = eager_calls.get()
+        if eager is not None and eager[0] == run.task_id:
+            eager[1] = True
+    run.begin(request)
     return run
 
 
+def end_run(request: Any, celery_state: str | None, retval: Any) -> None:
+    """End the run of ``request``, if it has one."""
+    run: Run | None = request.__dict__.pop(RUN_ATTR, None) if request is not None else None
+    if run is not None:
+        run.end(celery_state, retval)
+
+
 def worker_state(task: Task) -> _AppState | None:
-    """Return the app state of ``task`` for a release, or None if its settings are broken.
+    """Return the app state of ``task`` for a run, or None if its settings are broken.
 
     A worker whose lock-store settings are broken logs one error naming the
     setting (see :mod:`celery_unique.worker`), then runs its tasks without
@@ -239,121 +336,52 @@ def worker_state(task: Task) -> _AppState | None:
         return None
 
 
-_reported = threading.Event()
+_reported: list[bool] = []
 
 
 def report_configuration_once(exc: ConfigurationError) -> None:
     """Log, once per worker, that its lock-store settings are broken and why."""
-    if not _reported.is_set():
-        _reported.set()
+    if not _reported:
+        _reported.append(True)
         logger.error("celery_unique: this worker cannot release locks: %s", exc)
 
 
-def defer(task: Task, request: Any, args: Any, kwargs: Any, countdown: float) -> None:
-    """Publish this copy again, unchanged but for a countdown, bypassing the lock.
+def warn_release_failed(task: Any, task_id: str, key: str, exc: Exception) -> None:
+    """Log that ``task_id``'s lock could not be released, and that its TTL will free it."""
+    logger.warning(
+        "celery_unique: could not release lock %s of task %s[%s] (%s); its TTL will free it",
+        key, getattr(task, "name", task), task_id, exc,
+    )
 
-    The copy's message is then acknowledged (the caller raises ``Ignore``), so
-    the task is never lost: if the copy that runs now dies, this one runs later.
+
+def hold_back(task: Task, run: Run, request: Any, args: Any, kwargs: Any) -> Ignore:
+    """Handle a copy that must not run now; return the ``Ignore`` to raise.
+
+    A copy of an attempt another copy runs is published again, with a
+    countdown until that copy's marker would expire, and runs then unless
+    that copy has ended; its message is then acknowledged, so the task is
+    never lost.
     """
-    signature = task.signature_from_request(request, args, kwargs, countdown=countdown)
-    # Task.apply_async itself: this is the same task, already holding its lock.
-    from celery import Task as CeleryTask
-
-    CeleryTask.apply_async(task, signature.args, signature.kwargs, **signature.options)
-
-
-def second_copy(task: Task, run: Run, verdict: str, args: Any, kwargs: Any) -> Ignore:
-    """Handle a copy that must not run now; return the ``Ignore`` to raise."""
-    if verdict == "wait":
-        countdown = run.state.config.running_ttl
+    if run.verdict == "wait":
+        countdown = max(1.0, getattr(run, "wait_ms", 0) / 1000)
         logger.info(
             "celery_unique: task %s[%s] is already running elsewhere; this copy runs again in %gs "
             "if that one has not finished by then", task.name, run.task_id, countdown,
         )
-        defer(task, task.request, args, kwargs, countdown)
+        signature = task.signature_from_request(request, args, kwargs, countdown=countdown)
+        headers = {**(signature.options.get("headers") or {}), HELD_HEADER: 1}
+        headers.pop(RECEIVED_KEY, None)
+        from celery import Task as CeleryTask
+
+        # Task.apply_async itself: this is the same task, already holding its lock.
+        options = {**signature.options, "headers": headers}
+        CeleryTask.apply_async(task, signature.args, signature.kwargs, **options)
         return Ignore("celery_unique: another copy of this task id is running")
-    if verdict == "revoked":
-        logger.info("celery_unique: dropped task %s[%s]: it was revoked", task.name, run.task_id)
-        return Ignore("celery_unique: this task was revoked")
+    if run.verdict == "drop":
+        logger.info("celery_unique: dropped task %s[%s]: it was revoked or purged", task.name, run.task_id)
+        return Ignore("celery_unique: this task was revoked or purged")
     logger.info(
         "celery_unique: dropped a copy of task %s[%s]: this attempt has already run",
         task.name, run.task_id,
     )
     return Ignore("celery_unique: this attempt of the task has already run")
-
-
-def warn_release_failed(task: Task, task_id: str, key: str, exc: Exception) -> None:
-    """Log that ``task_id``'s lock could not be released, and that its TTL will free it."""
-    logger.warning(
-        "celery_unique: could not release lock %s of task %s[%s] (%s); its TTL will free it",
-        key, task.name, task_id, exc,
-    )
-
-
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
-
-
-class Heartbeat:
-    """Renews the running markers this process holds, from one daemon thread."""
-
-    def __init__(self, state: _AppState) -> None:
-        self._state = state
-        self._markers: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def add(self, marker: str, value: str) -> None:
-        with self._lock:
-            self._markers[marker] = value
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._loop, name="celery-unique-heartbeat", daemon=True
-                )
-                self._thread.start()
-
-    def discard(self, marker: str) -> None:
-        with self._lock:
-            self._markers.pop(marker, None)
-
-    def _loop(self) -> None:
-        ttl = self._state.config.running_ttl
-        while not self._wake.wait(ttl / 3):
-            # Held through the renewal: a run that ends waits in discard()
-            # until it is done, so a renewal never puts back a marker that
-            # the run's end has just removed.
-            with self._lock:
-                markers = list(self._markers.items())
-                if not markers:
-                    continue
-                try:
-                    self._state.store.heartbeat(markers, _ms(ttl))
-                except redis.RedisError as exc:
-                    logger.warning("celery_unique: could not renew running markers (%s)", exc)
-
-
-def heartbeat(state: _AppState) -> Heartbeat:
-    """Return this process's heartbeat for the app state ``state``."""
-    return per_process(state, "heartbeat", Heartbeat)
-
-
-_T = TypeVar("_T")
-_per_process_lock = threading.Lock()
-
-
-def per_process(owner: Any, name: str, make: Callable[[Any], _T]) -> _T:
-    """Return ``owner``'s object ``name`` of this process, made by ``make(owner)`` once.
-
-    Kept on ``owner`` with the pid that made it: a forked pool process makes
-    one of its own instead of trusting one (a thread, a socket) that did not
-    survive the fork.
-    """
-    pid = os.getpid()
-    made: tuple[int, _T] | None = owner.__dict__.get(f"_per_process_{name}")
-    if made is None or made[0] != pid:
-        with _per_process_lock:
-            made = owner.__dict__.get(f"_per_process_{name}")
-            if made is None or made[0] != pid:
-                made = owner.__dict__[f"_per_process_{name}"] = (pid, make(owner))
-    return made[1]

@@ -1,47 +1,138 @@
-"""Is a lock's holder finished? Its stored state and its running marker say.
+"""Is a lock's holder finished? Its stored state and its marker say.
 
 A lock outlives its task when the release never happened: the task ran on a
-worker that does not import celery_unique, the lock store blinked as it
-ended, or anything else went wrong. Such a holder is *finished for its mode*
-when the result backend says so:
+worker that does not import celery_unique, or the lock store blinked as it
+ended. Such a holder is *finished for its mode* when the result backend says
+so:
 
 ==============  ==============================
 unique_until    finished states
 ==============  ==============================
-success         SUCCESS, REVOKED
-finish, start   SUCCESS, REVOKED, FAILURE
+success         SUCCESS
+finish, start   SUCCESS, FAILURE
 ==============  ==============================
 
-The stored state alone is not enough: Celery stores REVOKED as soon as it
-sends a terminate signal, even one the task survives (``SIGUSR1``), and a
-caller-chosen task id may have stored a state in an earlier run. So the lock
-goes only if, atomically, it still belongs to that holder and no copy of the
-holder runs (see ``TAKE_OVER_SCRIPT`` in :mod:`celery_unique.lock`).
+REVOKED is not among them: Celery stores it for a task that another worker
+still runs (a revoke without terminate reaching a worker that does not run
+it, or a terminate signal the task survives), and a revoked task that has
+not run releases its lock when a worker discards it. The stored state alone
+is not enough either: a caller-chosen task id, or a task that retried, may
+have stored a state before its current attempt was queued. So the lock goes
+only if, atomically, it still belongs to that holder, no copy of it runs and
+no newer attempt of it is queued (see ``TAKE_OVER_SCRIPT`` in
+:mod:`celery_unique.lock`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 from celery import states
+from celery.backends.base import BaseKeyValueStoreBackend, DisabledBackend
 
 from .lock import LockStore
 
-__all__ = ["FINISHED", "finished", "stored_state", "take_over_if_finished"]
+__all__ = [
+    "FINISHED",
+    "finished",
+    "looks_up_any_task",
+    "stored_state",
+    "stored_states",
+    "take_over_if_finished",
+]
 
 #: unique_until -> the stored states of a holder that has finished.
 FINISHED: dict[str, frozenset[str]] = {
-    "success": frozenset({states.SUCCESS, states.REVOKED}),
-    "finish": frozenset(states.READY_STATES),
-    "start": frozenset(states.READY_STATES),
+    "success": frozenset({states.SUCCESS}),
+    "finish": frozenset({states.SUCCESS, states.FAILURE}),
+    "start": frozenset({states.SUCCESS, states.FAILURE}),
 }
+
+
+def looks_up_any_task(backend: Any) -> bool:
+    """Whether ``backend`` can read the state of a task this process did not send.
+
+    Not ``rpc://``: it reads results from the caller's own reply queue (and
+    would consume another caller's), nor a disabled backend.
+    """
+    return backend is not None and not type(backend).__name__.lower().startswith(("rpc", "disabled"))
 
 
 def stored_state(backend: Any, task_id: str) -> str | None:
     """Return the state the result backend holds for ``task_id``, or None if unknown."""
+    return _stored(backend, task_id)[0]
+
+
+def _stored(backend: Any, task_id: str) -> tuple[str | None, int | None]:
+    # The state and when it was stored (ms since the epoch), as far as known.
+    if not looks_up_any_task(backend):
+        return None, None
     try:
         meta = backend.get_task_meta(task_id, cache=False)
     except Exception:  # a backend that is down: the holder stands
+        return None, None
+    if not isinstance(meta, dict) or not meta.get("status"):
+        return None, None
+    return str(meta["status"]), _ms(meta.get("date_done"))
+
+
+def _ms(when: Any) -> int | None:
+    if isinstance(when, str):
+        try:
+            when = datetime.fromisoformat(when.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if not isinstance(when, datetime):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+def stored_states(backend: Any, task_ids: Iterable[str]) -> dict[str, str]:
+    """Return the state the result backend holds for each of ``task_ids`` whose state it can tell.
+
+    A key-value backend (Redis, memcached, ...) reads them all in one
+    ``mget``; any other backend one by one. An id with nothing stored is
+    PENDING, as Celery reports it. With no result backend, or results that
+    only the caller that sent a task can read (``rpc://``), no state is
+    known: the answer is empty. Raises what the backend raises when it fails.
+    """
+    from celery.backends.rpc import RPCBackend  # not imported on the enqueue path
+
+    ids = [task_id for task_id in dict.fromkeys(task_ids) if task_id]
+    if not ids or isinstance(backend, (DisabledBackend, RPCBackend)):
+        return {}
+    if isinstance(backend, BaseKeyValueStoreBackend):
+        keys = [backend.get_key_for_task(task_id) for task_id in ids]
+        try:
+            values = backend.mget(keys)
+        except NotImplementedError:  # a key-value backend without mget
+            pass
+        else:
+            if isinstance(values, Mapping):  # memcached answers by key
+                values = [values.get(key) for key in keys]
+            read = zip(ids, (_status(backend, value) for value in values), strict=True)
+            return {task_id: state for task_id, state in read if state}
+    found = {}
+    for task_id in ids:
+        state = backend.get_task_meta(task_id, cache=False).get("status")
+        if state:
+            found[task_id] = str(state)
+    return found
+
+
+def _status(backend: Any, payload: Any) -> str | None:
+    """The state in a stored result: PENDING if none is stored, None if it cannot be read."""
+    if not payload:
+        return str(states.PENDING)
+    try:
+        # decode, not decode_result: the state is all that is needed, and
+        # rebuilding a FAILURE's exception may fail in this process.
+        meta = backend.decode(payload)
+    except Exception:  # not a result this app can decode
         return None
     state = meta.get("status") if isinstance(meta, dict) else None
     return str(state) if state else None
@@ -60,17 +151,14 @@ def take_over_if_finished(
     task_id: str,
     ttl_ms: int,
     until: str,
-    marker: str | None = None,
+    nonce: str | None = None,
 ) -> str | None:
     """Give ``holder``'s lock to ``task_id`` if the holder has finished; None if given.
 
     Returns the holder's id while it stands. An empty ``task_id`` releases
     the lock instead (the reaper's use).
     """
-    state = stored_state(backend, holder)
+    state, stored_at_ms = _stored(backend, holder)
     if not finished(state, until):
         return holder
-    revoked = state == states.REVOKED
-    return store.take_over(
-        key, holder, task_id, ttl_ms, result_may_be_stale=not revoked, marker=marker, revoked=revoked
-    )
+    return store.take_over(key, holder, task_id, ttl_ms, nonce, stored_at_ms)

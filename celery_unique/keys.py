@@ -49,6 +49,7 @@ __all__ = [
     "canonical_text",
     "format_key",
     "key_head",
+    "marker_key",
     "parse_key",
 ]
 
@@ -98,6 +99,18 @@ def unescape(part: str) -> str:
 def format_key(prefix: str, queue: str, task_name: str, digest: str) -> str:
     """Build the lock key of a call from its parts."""
     return key_head(prefix, queue, task_name) + digest
+
+
+def marker_key(lock_key: str, task_id: str) -> str:
+    """Return the key of ``task_id``'s marker under ``lock_key``: ``<prefix>:run:{<lock key>}:<task id>``.
+
+    It starts with the prefix, as every key of the package does, so one ACL
+    pattern or SCAN MATCH covers them all. The lock key inside braces is its
+    Redis Cluster hash tag, so marker and lock share a slot; a prefix that
+    holds a hash tag of its own (``"{locks}"``) lends it to both.
+    """
+    prefix = lock_key.rsplit(":", 3)[0]
+    return f"{prefix}:run:{{{lock_key}}}:{task_id}"
 
 
 def key_head(prefix: str, queue: str, task_name: str) -> str:

@@ -1,39 +1,64 @@
-"""The lock store: uniqueness locks in Redis, owned by task ids, and running markers.
+"""The lock store: every Redis script of the lock protocol, and the store's I/O.
 
-A lock is one Redis string: the key says which call it guards (see
-:mod:`celery_unique.keys`), the value is the id of the task that holds it, and
-the TTL bounds its life.
+Two kinds of key (see :mod:`celery_unique.keys` and docs/protocol.md):
 
-While a task runs, its worker keeps a *running marker* beside the lock: a key
-of its own per task id, ``{<lock key>}:run:<task id>``, in the lock's hash
-slot (so a script may touch both on a Redis Cluster). Its value says which
-attempt of the task runs and where:
+* the **lock** ``L``, a string whose value is the id of the task holding it,
+  with the lock's TTL;
+* the **marker** ``M(T)`` of a task id ``T``, beside its lock in the same hash
+  slot, which says what became of ``T`` when that is not plain from the lock:
 
-* ``run|<replace nesting>|<retries>|<host>/<pid>`` while a copy runs; its TTL is
-  short and a heartbeat renews it, so a worker that dies stops renewing it;
-* ``done|<replace nesting>|<retries>`` for a while after that attempt ended;
-* ``queued`` after a caller-chosen task id took the lock, until it starts:
-  such an id may have run before, so its stored state is not yet its own.
+  ==================================  ========================================
+  value                               meaning
+  ==================================  ========================================
+  ``q|n|k|nonce|dl``                  attempt ``(n, k)`` is queued: a caller
+                                      chose the id, or a retry or replacement
+                                      of it was published
+  ``r|n|k|nonce|dl|owner|proof|at``   a copy of attempt ``(n, k)`` runs at
+                                      ``owner`` since ``at`` (renewed by its
+                                      heartbeat)
+  ``d|n|k|nonce|dl``                  attempt ``(n, k)`` has ended
+  ``x|n|k|nonce|dl``                  the id was revoked or purged: no copy
+                                      of it may run
+  ==================================  ========================================
 
-With the marker a second copy of one task id (a message redelivered while
-the first still runs) waits instead of running beside it, a copy of an
-attempt that already ended is dropped, and the duplicate check can tell a
-finished holder from one still running. Every lock operation touches one
-slot, so each is valid on a Redis Cluster.
+  ``n`` is the replace nesting and ``k`` the retries of an attempt, so that a
+  retry or replacement is newer than the attempt that sent it; ``nonce`` names
+  the incarnation of a caller-chosen id (empty for an id this package made);
+  ``dl`` is the lock's deadline in milliseconds (Redis time). No marker ever
+  outlives ``dl``: every key the package writes dies with its lock.
+
+Every script below is the only place its rule lives, and every one is safe
+to send twice: a client that resends a command after its reply was lost
+gets the answer the first one earned, so a resend never refuses its own
+caller and never releases twice.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
-from typing import Any
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import redis
 from redis.exceptions import NoScriptError
 from redis.sentinel import SentinelConnectionPool
 
-__all__ = ["AcquireError", "LockStore", "attempt_of", "running_marker_key"]
+from .keys import marker_key
+
+__all__ = [
+    "AcquireError",
+    "Attempt",
+    "LockStore",
+    "Outcome",
+    "attempt_of",
+    "marker_says_running",
+    "running_marker_key",
+]
+
+#: The key of ``task_id``'s marker under ``lock_key`` (see :func:`celery_unique.keys.marker_key`).
+running_marker_key = marker_key
 
 
 class AcquireError(Exception):
@@ -50,190 +75,316 @@ class AcquireError(Exception):
         self.maybe_applied = maybe_applied
 
 
-def running_marker_key(lock_key: str, task_id: str) -> str:
-    """Return the key of the running marker of ``task_id`` under ``lock_key``.
+class Attempt(NamedTuple):
+    """Which attempt of which incarnation of a task id a message carries."""
 
-    The lock key inside braces is the marker's Redis Cluster hash tag, so
-    marker and lock share a slot. A lock key that already carries a hash tag
-    (from a ``unique_key_prefix`` such as ``"{locks}"``) lends it as is.
-    """
-    if "}" in lock_key:
-        return f"{lock_key}:run:{task_id}"
-    return f"{{{lock_key}}}:run:{task_id}"
+    task_id: str
+    #: Replace nesting: a replacement is one deeper than the task it replaced.
+    nesting: int = 0
+    #: Retries: a retry is one more than the attempt that sent it.
+    retries: int = 0
+    #: The incarnation of a caller-chosen id; empty for an id this package made.
+    nonce: str = ""
+
+    def args(self) -> list[str | int]:
+        return [self.task_id, self.nesting, self.retries, self.nonce]
+
+
+def attempt_of(task_id: str, headers: Any, nonce: str) -> Attempt:
+    """The attempt of a message with ``headers`` (Celery's ``retries`` and ``replaced_task_nesting``)."""
+    get = headers.get
+    return Attempt(task_id, int(get("replaced_task_nesting") or 0), int(get("retries") or 0), nonce)
+
+
+#: How a run ends, as the lock store sees it (see END_SCRIPT).
+Outcome = str
+RELEASE: Outcome = "release"
+KEEP: Outcome = "keep"
+REQUEUE: Outcome = "requeue"
+
+# Shared by the scripts that read or write markers.
+_PRELUDE = """
+local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function parse(value)
+    if not value then return nil end
+    local f = {}
+    for part in string.gmatch(value .. '|', '([^|]*)|') do f[#f + 1] = part end
+    return {s = f[1], n = tonumber(f[2]) or 0, k = tonumber(f[3]) or 0, nonce = f[4] or '',
+            dl = tonumber(f[5]), owner = f[6] or '', proof = f[7] or '', at = tonumber(f[8])}
+end
+local function newer(f, n, k)
+    return f.n > n or (f.n == n and f.k > k)
+end
+local function same(f, n, k)
+    return f.n == n and f.k == k
+end
+local function state(s, n, k, nonce, dl)
+    return s .. '|' .. n .. '|' .. k .. '|' .. nonce .. '|' .. dl
+end
+-- Write key = value until the lock's deadline (and for at most cap ms); a
+-- deadline already passed deletes the key instead.
+local function until_deadline(key, value, dl, now, cap)
+    local ttl = dl - now
+    if cap and cap < ttl then ttl = cap end
+    if ttl > 0 then
+        redis.call('SET', key, value, 'PX', ttl)
+    else
+        redis.call('DEL', key)
+    end
+end
+local function deadline(lock, task_id, f, now)
+    if f and f.dl then return f.dl end
+    if redis.call('GET', lock) == task_id then
+        return now + redis.call('PTTL', lock)
+    end
+    return nil
+end
+"""
 
 
 class LockStore:
-    """Takes, releases and inspects locks in one Redis (one connection pool)."""
+    """Takes, ends and inspects locks in one Redis (one client: a server, Sentinel or a Cluster)."""
 
-    # Take the lock, or say who has it, in one round trip.
+    # Take the lock, or say who has it.
     #
     # KEYS[1] - lock key
-    # KEYS[2] - (optional) running marker of ARGV[1], set to "queued" when the
-    #           lock is taken: the id was chosen by the caller, and a state it
-    #           stored in an earlier run must not pass for this one's
+    # KEYS[2] - (caller-chosen id only) marker of ARGV[1], set to "queued":
+    #           the id may have run before, and what it stored then is not
+    #           this incarnation's
     # ARGV[1] - task id that wants the lock
     # ARGV[2] - time to live in milliseconds
-    # return nil if ARGV[1] now holds the lock, otherwise the holder's task id
-    #        (ARGV[1] itself when the same task id is enqueued twice)
+    # ARGV[3] - (caller-chosen id only) the incarnation's nonce
+    # return nil if ARGV[1] now holds the lock, otherwise the holder's id
+    #        (ARGV[1] itself when the same chosen id is enqueued twice). A
+    #        resend finds its own first attempt: the id it generated, or the
+    #        chosen id with its nonce's queued marker, holds the lock.
     ACQUIRE_SCRIPT = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     if KEYS[2] then
-        redis.call('SET', KEYS[2], 'queued', 'PX', ARGV[2])
+        local t = redis.call('TIME')
+        local dl = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+        redis.call('SET', KEYS[2], 'q|0|0|' .. ARGV[3] .. '|' .. dl, 'PX', ARGV[2])
     end
     return false
 end
-return redis.call('GET', KEYS[1])
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+    if not KEYS[2] then
+        return false
+    end
+    local marker = redis.call('GET', KEYS[2])
+    local mine = 'q|0|0|' .. ARGV[3] .. '|'
+    if marker and string.sub(marker, 1, #mine) == mine then
+        return false
+    end
+end
+return holder
 """
 
-    # Delete the lock only if the task id still holds it, so a task whose lock
-    # expired while it ran cannot delete a newer holder's lock.
+    # Mark a copy of a task running, or say why it must not run now.
     #
     # KEYS[1] - lock key
-    # ARGV[1] - task id that should hold the lock
-    # return 1 if the lock was released, otherwise 0
-    RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
+    # KEYS[2] - marker of the task id
+    # ARGV[1..4] - task id, nesting, retries, nonce (the copy's attempt)
+    # ARGV[5] - owner: "<worker node>/<pid>[.<thread>]"
+    # ARGV[6] - proof of the owner's life: "<machine>:<process start>"
+    # ARGV[7] - marker TTL in milliseconds (renewed by the heartbeat)
+    # ARGV[8] - "1" to release the lock as the run begins (unique_until="start")
+    # ARGV[9] - a marker value whose owner was shown dead, to take it over, or ""
+    # ARGV[10] - when the copy began, in milliseconds by the worker's clock
+    # return {"run", marker} if this copy now holds the marker; {"wait",
+    #        ms, marker} if another live copy of this attempt runs; {"skip"}
+    #        if this attempt has ended or a newer one exists; {"drop"} if the
+    #        id was revoked or purged; {"stray"} if the lock is gone and no
+    #        marker says why (it expired, or another incarnation of the id
+    #        holds it): the copy runs unmarked. A resend finds its own marker.
+    BEGIN_SCRIPT = _PRELUDE + """
+local n, k = tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms()
+local marker = redis.call('GET', KEYS[2])
+local f = parse(marker)
+if f and f.nonce ~= ARGV[4] then
+    return {'stray'}
 end
-return 0
-"""
-
-    # Decide whether this copy of a task may run, and if so mark it running.
-    # Attempts are ordered by (replace nesting, retries): a replacement or a
-    # retry is newer than the attempt that made it.
-    #
-    # KEYS[1] - running marker of the task id
-    # KEYS[2] - lock key
-    # ARGV[1] - this copy's attempt, "<replace nesting>|<retries>"
-    # ARGV[2] - this copy's owner, "<host>/<pid>"
-    # ARGV[3] - marker TTL in milliseconds
-    # ARGV[4] - the task id, to release the lock as the task starts
-    #           (unique_until="start"), or "" to keep it
-    # return "run" if this copy now holds the marker and may run; "wait" if
-    #        another copy of this attempt runs; "skip" if this attempt has
-    #        ended or a newer one exists. An older attempt still marked
-    #        running has handed over to this one (it published this retry or
-    #        replacement, and is only finishing): this copy takes the marker.
-    BEGIN_SCRIPT = """
-local r, k = string.match(ARGV[1], '^(%d+)|(%d+)$')
-r, k = tonumber(r), tonumber(k)
-local marker = redis.call('GET', KEYS[1])
-if marker == 'revoked' then
-    return 'revoked'
-end
-if marker then
-    local state, mr, mk = string.match(marker, '^(%a+)|(%d+)|(%d+)')
-    if state then
-        mr, mk = tonumber(mr), tonumber(mk)
-        local newer = mr > r or (mr == r and mk > k)
-        if newer then
-            return 'skip'
-        end
-        if mr == r and mk == k then
-            if state == 'run' then
-                return 'wait'
-            end
-            return 'skip'
+if f then
+    if f.s == 'x' then return {'drop'} end
+    if newer(f, n, k) then return {'skip'} end
+    if same(f, n, k) then
+        if f.s == 'd' then return {'skip'} end
+        if f.s == 'r' and f.owner ~= ARGV[5] and marker ~= ARGV[9] then
+            return {'wait', redis.call('PTTL', KEYS[2]), marker}
         end
     end
 end
-redis.call('SET', KEYS[1], 'run|' .. ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[3])
-if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) == ARGV[4] then
-    redis.call('DEL', KEYS[2])
+local dl = deadline(KEYS[1], ARGV[1], f, now)
+if not dl or dl <= now then
+    return {'stray'}
 end
-return 'run'
+local value = 'r|' .. n .. '|' .. k .. '|' .. ARGV[4] .. '|' .. dl .. '|' .. ARGV[5] .. '|' .. ARGV[6]
+    .. '|' .. ARGV[10]
+until_deadline(KEYS[2], value, dl, now, tonumber(ARGV[7]))
+if ARGV[8] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+end
+return {'run', value}
 """
 
-    # End this copy's run: leave its marker as said, then release the lock if
-    # asked and no other copy of the task id runs.
+    # End a copy's run: release the lock or keep it as the outcome says, and
+    # leave the marker that keeps later copies of this attempt from running.
     #
-    # KEYS[1] - running marker of the task id
-    # KEYS[2] - lock key
-    # ARGV[1] - the marker value this copy set
-    # ARGV[2] - what to leave: "done|<attempt>" to keep copies of this attempt
-    #           from running again, or "" to delete it (the message is requeued)
-    # ARGV[3] - TTL of a "done" marker in milliseconds
-    # ARGV[4] - the task id, to release its lock, or "" to keep the lock
-    # return 1 if the lock was released, otherwise 0
-    END_SCRIPT = """
-local marker = redis.call('GET', KEYS[1])
-if marker == ARGV[1] then
-    if ARGV[2] == '' then
-        redis.call('DEL', KEYS[1])
-    else
-        redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-    end
-elseif marker and string.sub(marker, 1, 4) == 'run|' then
+    # KEYS[1] - lock key
+    # KEYS[2] - marker of the task id
+    # ARGV[1..4] - task id, nesting, retries, nonce (the run's attempt)
+    # ARGV[5] - the run's owner (a marked run's marker names it)
+    # ARGV[6] - "release" (the mode lets go), "keep" (a final failure the
+    #           mode keeps) or "requeue" (the message comes back: it runs again)
+    # ARGV[7] - "1" to leave a "done" marker until the lock's deadline (a copy
+    #           of the message may exist), "" to leave none
+    # return 1 if the lock was released, otherwise 0. Nothing is touched
+    #        while another copy runs, a newer attempt is pending, or another
+    #        incarnation of the id holds it.
+    END_SCRIPT = _PRELUDE + """
+local n, k = tonumber(ARGV[2]), tonumber(ARGV[3])
+local marker = redis.call('GET', KEYS[2])
+local f = parse(marker)
+if f then
+    if f.nonce ~= ARGV[4] or newer(f, n, k) then return 0 end
+    if f.s == 'r' and not (same(f, n, k) and f.owner == ARGV[5]) then return 0 end
+    if f.s == 'x' then return 0 end
+end
+if ARGV[6] == 'requeue' then
+    if f then redis.call('DEL', KEYS[2]) end
     return 0
 end
-if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) == ARGV[4] then
-    return redis.call('DEL', KEYS[2])
+local now = now_ms()
+local dl = deadline(KEYS[1], ARGV[1], f, now)
+local released = 0
+if ARGV[6] == 'release' and redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    released = 1
 end
-return 0
+if ARGV[7] == '1' and dl then
+    until_deadline(KEYS[2], state('d', n, k, ARGV[4], dl), dl, now, nil)
+elseif f then
+    redis.call('DEL', KEYS[2])
+end
+return released
 """
 
-    # Renew a running marker, only if this copy still holds it, and put it
-    # back if it vanished (a restarted or flushed Redis, a pause longer than
-    # its TTL) while no other copy took it.
+    # Renew this copy's marker, and put it back if it vanished (a restarted or
+    # flushed Redis) while no other copy took it; never past the deadline.
     #
-    # KEYS[1] - running marker
-    # ARGV[1] - the marker value this copy set
+    # KEYS[1] - marker
+    # ARGV[1] - the marker value this copy holds
     # ARGV[2] - marker TTL in milliseconds
     # return 1 if renewed or put back, otherwise 0
-    HEARTBEAT_SCRIPT = """
+    HEARTBEAT_SCRIPT = _PRELUDE + """
 local marker = redis.call('GET', KEYS[1])
-if marker == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if marker and marker ~= ARGV[1] then return 0 end
+local f = parse(ARGV[1])
+until_deadline(KEYS[1], ARGV[1], f.dl, now_ms(), tonumber(ARGV[2]))
+return 1
+"""
+
+    # Release the lock of a copy that will not run (revoked, expired, purged,
+    # or a lock taken for a message that was never published), unless a copy
+    # of the id runs or a newer attempt of it is pending.
+    #
+    # KEYS[1] - lock key
+    # KEYS[2] - marker of the task id
+    # ARGV[1..4] - task id, nesting, retries, nonce (the discarded attempt)
+    # ARGV[5] - "x" to leave a marker that drops every later copy of the id
+    #           until the lock's deadline, "" to leave none
+    # return 1 if the lock was released, otherwise 0
+    DISCARD_SCRIPT = _PRELUDE + """
+local n, k = tonumber(ARGV[2]), tonumber(ARGV[3])
+local f = parse(redis.call('GET', KEYS[2]))
+if f and (f.nonce ~= ARGV[4] or f.s == 'r' or newer(f, n, k)) then
+    return 0
 end
-if not marker then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local now = now_ms()
+local dl = deadline(KEYS[1], ARGV[1], f, now)
+if ARGV[5] == 'x' and dl then
+    until_deadline(KEYS[2], state('x', n, k, ARGV[4], dl), dl, now, nil)
+elseif f then
+    redis.call('DEL', KEYS[2])
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
     return 1
 end
 return 0
 """
 
-    # Give a finished holder's lock to a new task id, or delete it. The caller
-    # has read the holder's stored state and judged it finished; this checks,
-    # atomically, that the lock still belongs to that holder and that no copy
-    # of it runs (a task revoked with a signal it survives has a stored state
-    # of REVOKED but still runs).
+    # Say that a retry or replacement of a running task id was published: its
+    # attempt is queued, so the state the id stored so far is stale, copies of
+    # the older attempt are dropped, and the lock is not released by it. Sent
+    # after the publish; a new attempt that has begun already is left alone.
     #
     # KEYS[1] - lock key
-    # KEYS[2] - running marker of the holder
-    # KEYS[3] - (optional) running marker of ARGV[2], set to "queued"
+    # KEYS[2] - marker of the task id
+    # ARGV[1..4] - task id, nesting, retries, nonce (the new attempt)
+    # return 1 if the marker now says the new attempt is queued, otherwise 0
+    CONTINUE_SCRIPT = _PRELUDE + """
+local now = now_ms()
+local n, k = tonumber(ARGV[2]), tonumber(ARGV[3])
+local f = parse(redis.call('GET', KEYS[2]))
+if f and (f.nonce ~= ARGV[4] or newer(f, n, k) or (same(f, n, k) and f.s ~= 'q')) then
+    return 0
+end
+local dl = deadline(KEYS[1], ARGV[1], f, now)
+if not dl or redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+until_deadline(KEYS[2], state('q', ARGV[2], ARGV[3], ARGV[4], dl), dl, now, nil)
+return 1
+"""
+
+    # Give a finished holder's lock to a new task id, or delete it (the reaper).
+    # The caller read the holder's stored state and judged it finished; this
+    # checks, atomically, that the lock is still the holder's, that no copy of
+    # it runs and that no newer attempt of it is queued (a state stored
+    # before a retry or a reuse of the id is stale). A marked copy that stored
+    # its state after it began has finished its body: it is only ending.
+    #
+    # KEYS[1] - lock key
+    # KEYS[2] - marker of the holder
+    # KEYS[3] - (caller-chosen new id only) marker of ARGV[2], set to "queued"
     # ARGV[1] - the holder's task id
     # ARGV[2] - the new holder's task id, or "" to delete the lock
     # ARGV[3] - time to live in milliseconds of the new holder's lock
-    # ARGV[4] - "1" if the stored state may be stale when the holder has not
-    #           started ("queued" marker): a revoke is never stale, a result is
-    # ARGV[5] - "1" if the holder was revoked before it ran: its marker
-    #           becomes "revoked", so that no copy of it runs later
+    # ARGV[4] - when the holder stored its state, in milliseconds by the
+    #           worker's clock, or "" if unknown
+    # ARGV[5] - (caller-chosen new id only) the new incarnation's nonce
     # return nil if the lock was taken over (or deleted), otherwise the
-    #        holder's task id
-    TAKE_OVER_SCRIPT = """
+    #        holder's id. A resend finds the lock its first attempt took.
+    TAKE_OVER_SCRIPT = _PRELUDE + """
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then
+if holder and holder == ARGV[2] then
+    if not KEYS[3] then return false end
+    local marker = redis.call('GET', KEYS[3])
+    local mine = 'q|0|0|' .. ARGV[5] .. '|'
+    if marker and string.sub(marker, 1, #mine) == mine then return false end
     return holder
 end
-if holder then
-    local marker = redis.call('GET', KEYS[2])
-    if marker and (string.sub(marker, 1, 4) == 'run|' or (marker == 'queued' and ARGV[4] == '1')) then
+if holder ~= ARGV[1] then
+    if holder then return holder end
+    if ARGV[2] == '' then return false end
+else
+    local f = parse(redis.call('GET', KEYS[2]))
+    local stored = tonumber(ARGV[4])
+    if f and (f.s == 'q' or (f.s == 'r' and not (stored and f.at and stored >= f.at))) then
         return holder
     end
-end
-if holder and ARGV[5] == '1' then
-    -- Revoked before it ran: a copy that comes back (a worker restarted
-    -- without its revokes) is dropped for as long as the lock would have lived.
-    local left = redis.call('PTTL', KEYS[1])
-    redis.call('SET', KEYS[2], 'revoked', 'PX', math.max(left, 1000))
-end
-if ARGV[2] == '' then
-    redis.call('DEL', KEYS[1])
-    return false
+    if ARGV[2] == '' then
+        redis.call('DEL', KEYS[1])
+        return false
+    end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 if KEYS[3] then
-    redis.call('SET', KEYS[3], 'queued', 'PX', ARGV[3])
+    redis.call('SET', KEYS[3], 'q|0|0|' .. ARGV[5] .. '|' .. (now_ms() + tonumber(ARGV[3])), 'PX', ARGV[3])
 end
 return false
 """
@@ -243,69 +394,44 @@ return false
         # Registered once; each reloads itself on NOSCRIPT, so a SCRIPT FLUSH
         # or a restarted server costs one extra round trip, no error.
         self._acquire = client.register_script(self.ACQUIRE_SCRIPT)
-        self._release = client.register_script(self.RELEASE_SCRIPT)
         self._begin = client.register_script(self.BEGIN_SCRIPT)
         self._end = client.register_script(self.END_SCRIPT)
         self._heartbeat = client.register_script(self.HEARTBEAT_SCRIPT)
+        self._discard = client.register_script(self.DISCARD_SCRIPT)
+        self._continue = client.register_script(self.CONTINUE_SCRIPT)
         self._take_over = client.register_script(self.TAKE_OVER_SCRIPT)
-        # One server behind a plain pool: the acquire has connections of its
-        # own. Sentinel and Cluster clients take redis-py's generic path.
+        # One server behind a plain pool: the hot paths (the producer's
+        # acquire, the worker's end) write pre-packed commands on connections
+        # of their own. Sentinel and Cluster clients take redis-py's path.
         pool = getattr(client, "connection_pool", None)
         plain = pool is not None and not isinstance(pool, SentinelConnectionPool)
         self._own = _OwnConnections(pool) if plain else None
-        self._acquire_heads = {keys: _head(self._acquire.sha, keys, 2) for keys in (1, 2)}
+        self.cluster = isinstance(client, redis.RedisCluster)
+        self._heads = {
+            (script.sha, keys): _head(script.sha, keys, args)
+            for script, keys, args in ((self._acquire, 1, 2), (self._acquire, 2, 3), (self._end, 2, 7))
+        }
 
-    def acquire(self, key: str, task_id: str, ttl_ms: int, marker: str | None = None) -> str | None:
+    # -- the producer ---------------------------------------------------------------------------
+
+    def acquire(self, key: str, task_id: str, ttl_ms: int, nonce: str | None = None) -> str | None:
         """Take the lock for ``task_id``; return None if taken, else the holder.
 
-        ``marker``, the running marker key of ``task_id``, is set to "queued"
-        with the lock: pass it when the caller chose the task id. Raises
+        ``nonce`` is given when the caller chose the task id: the id's marker
+        then says "queued" with it (see ACQUIRE_SCRIPT). Raises
         :class:`AcquireError` if Redis fails.
         """
-        keys = (key,) if marker is None else (key, marker)
+        if nonce is None:
+            keys: tuple[str, ...] = (key,)
+            args: tuple[str | int, ...] = (task_id, ttl_ms)
+        else:
+            keys, args = (key, marker_key(key, task_id)), (task_id, ttl_ms, nonce)
         if self._own is None:
             try:
-                holder = self.client.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", self._acquire.sha, len(keys), *keys, task_id, ttl_ms
-                )
-            except NoScriptError:
-                try:
-                    holder = self._acquire(keys=keys, args=[task_id, ttl_ms])  # loads, then retries
-                except redis.RedisError as exc:
-                    raise AcquireError(exc, maybe_applied=True) from exc
+                return _text(self._call(self._acquire, keys, args))
             except redis.RedisError as exc:
                 raise AcquireError(exc, maybe_applied=True) from exc
-            return _text(holder)
-        parts = (*(k.encode() for k in keys), task_id.encode(), b"%d" % ttl_ms)
-        command = [_packed(self._acquire_heads[len(keys)], parts)]
-        reply, resent = _evalsha_on_own_connection(self._own, self._acquire, command)
-        holder = _text(reply)
-        # Sent again after the connection dropped: if the id holds the lock,
-        # the first attempt was applied, and this call holds it.
-        return None if resent and holder == task_id else holder
-
-    def release(self, key: str, task_id: str) -> bool:
-        """Delete the lock if ``task_id`` holds it; return whether it did."""
-        return bool(self._release(keys=[key], args=[task_id]))
-
-    def begin(
-        self, key: str, marker: str, attempt: str, owner: str, ttl_ms: int, release_id: str = ""
-    ) -> str:
-        """Mark a copy of a task running; return "run", "wait" or "skip" (see BEGIN_SCRIPT)."""
-        return _text(self._begin(keys=[marker, key], args=[attempt, owner, ttl_ms, release_id])) or ""
-
-    def end(
-        self, key: str, marker: str, running: str, leave: str, done_ttl_ms: int, release_id: str = ""
-    ) -> bool:
-        """End a copy's run (see END_SCRIPT); return whether the lock was released."""
-        return bool(self._end(keys=[marker, key], args=[running, leave, done_ttl_ms, release_id]))
-
-    def heartbeat(self, markers: Iterable[tuple[str, str]], ttl_ms: int) -> None:
-        """Renew each ``(marker key, value)`` this process still holds, in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        for marker, value in markers:
-            self._heartbeat(keys=[marker], args=[value, ttl_ms], client=pipe)
-        pipe.execute()
+        return _text(self._own_call(self._acquire, keys, args))
 
     def take_over(
         self,
@@ -313,72 +439,152 @@ return false
         holder: str,
         task_id: str,
         ttl_ms: int,
-        *,
-        result_may_be_stale: bool,
-        marker: str | None = None,
-        revoked: bool = False,
+        nonce: str | None = None,
+        stored_at_ms: int | None = None,
     ) -> str | None:
-        """Give ``holder``'s lock to ``task_id`` if no copy of it runs; None if done, else the holder.
+        """Give ``holder``'s lock to ``task_id`` if no copy of it runs or waits; None if done.
 
-        An empty ``task_id`` deletes the lock instead. ``marker`` is the running
-        marker of ``task_id``, set to "queued" as in :meth:`acquire`. With
-        ``revoked``, the holder was revoked before it ran: no copy of it may
-        run later (see TAKE_OVER_SCRIPT).
+        Returns the holder's id while it stands. An empty ``task_id``
+        deletes the lock instead (the reaper). ``nonce``: as for
+        :meth:`acquire`; ``stored_at_ms``: when the holder stored the state
+        that finished it (see TAKE_OVER_SCRIPT).
         """
-        keys = [key, running_marker_key(key, holder)]
-        if marker is not None:
-            keys.append(marker)
-        args: list[str | int] = [
-            holder, task_id, ttl_ms, "1" if result_may_be_stale else "0", "1" if revoked else "0"
-        ]
-        return _text(self._take_over(keys=keys, args=args))
+        keys = [key, marker_key(key, holder)]
+        args: list[str | int] = [holder, task_id, ttl_ms, "" if stored_at_ms is None else stored_at_ms]
+        if nonce is not None and task_id:
+            keys.append(marker_key(key, task_id))
+            args.append(nonce)
+        return _text(self._call(self._take_over, keys, args))
 
-    def release_unless_running(self, key: str, task_id: str, *, revoked: bool = False) -> None:
-        """Delete the lock if ``task_id`` holds it and no copy of it runs (its running marker says so).
+    def discard(self, key: str, attempt: Attempt, *, drop_later: bool) -> bool:
+        """Release the lock of a copy that will not run (see DISCARD_SCRIPT); return whether it did.
 
-        ``revoked``: as for :meth:`take_over`.
+        ``drop_later``: leave a marker that drops every later copy of the id
+        (a revoke, a purge); not for a message that was never published.
         """
-        self.take_over(key, task_id, "", 0, result_may_be_stale=False, revoked=revoked)
+        keys = (key, marker_key(key, attempt.task_id))
+        return bool(self._call(self._discard, keys, [*attempt.args(), "x" if drop_later else ""]))
+
+    # -- the worker -----------------------------------------------------------------------------
+
+    def begin(
+        self,
+        key: str,
+        attempt: Attempt,
+        owner: str,
+        proof: str,
+        marker_ttl_ms: int,
+        *,
+        release: bool = False,
+        evict: str = "",
+    ) -> list[Any]:
+        """Mark a copy running (see BEGIN_SCRIPT); return the verdict and its details."""
+        keys = (key, marker_key(key, attempt.task_id))
+        began_ms = int(time.time() * 1000)
+        args = [*attempt.args(), owner, proof, marker_ttl_ms, "1" if release else "", evict, began_ms]
+        reply = self._call(self._begin, keys, args)
+        return [_text(part) if isinstance(part, bytes) else part for part in reply]
+
+    def end(self, key: str, attempt: Attempt, owner: str, outcome: Outcome, *, leave_done: bool) -> bool:
+        """End a run (see END_SCRIPT); return whether the lock was released."""
+        keys = (key, marker_key(key, attempt.task_id))
+        args = (*attempt.args(), owner, outcome, "1" if leave_done else "")
+        if self._own is None:
+            return bool(self._call(self._end, keys, args))
+        try:
+            return bool(self._own_call(self._end, keys, args))
+        except AcquireError as failure:
+            raise failure.error from None
+
+    def continue_(self, key: str, attempt: Attempt) -> bool:
+        """Say that ``attempt``, a retry or replacement, was published (see CONTINUE_SCRIPT)."""
+        keys = (key, marker_key(key, attempt.task_id))
+        return bool(self._call(self._continue, keys, attempt.args()))
+
+    def heartbeat(self, markers: Iterable[tuple[str, str]], ttl_ms: int) -> None:
+        """Renew each ``(marker key, value)`` this process holds.
+
+        One pipelined round trip on one server; one call per marker on a
+        Cluster, where markers live in many slots.
+        """
+        if self.cluster:
+            for marker, value in markers:
+                self._call(self._heartbeat, (marker,), (value, ttl_ms))
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for marker, value in markers:
+            self._heartbeat(keys=[marker], args=[value, ttl_ms], client=pipe)
+        pipe.execute()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def release(self, key: str, task_id: str, nonce: str = "") -> bool:
+        """Delete the lock if ``task_id`` holds it and no copy of it runs or waits; return whether it did."""
+        return self.discard(key, Attempt(task_id, nonce=nonce), drop_later=False)
 
     def holder(self, key: str) -> str | None:
         """Return the id of the task holding the lock, or None."""
         return _text(self.client.get(key))
 
     def marker(self, key: str, task_id: str) -> str | None:
-        """Return the running marker of ``task_id`` under ``key``, or None."""
-        return _text(self.client.get(running_marker_key(key, task_id)))
+        """Return the marker of ``task_id`` under ``key``, or None."""
+        return _text(self.client.get(marker_key(key, task_id)))
 
     def ttl_ms(self, key: str) -> int | None:
         """Return the lock's remaining life in milliseconds, or None if it is gone."""
         ttl = int(self.client.pttl(key))
         return None if ttl == -2 else ttl
 
+    # -- I/O ------------------------------------------------------------------------------------
+
+    def _call(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        # EVALSHA first; a server that lost its scripts gets the script
+        # itself. Every script is safe to send twice, so redis-py's retry of
+        # a dropped connection (and a Cluster's redirection) is harmless.
+        try:
+            return self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return script(keys=keys, args=args)
+
+    def _own_call(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        assert self._own is not None
+        parts = (*(k.encode() for k in keys), *(_arg(a) for a in args))
+        command = [_packed(self._heads[(script.sha, len(keys))], parts)]
+        return _evalsha_on_own_connection(self._own, script, command)
+
 
 class _OwnConnections:
-    """The acquire's own connection, one per thread (and per process after a fork).
+    """Connections of the hot paths' own: a free list, so threads and greenlets share a few.
 
     The enqueue path's one round trip writes a pre-packed ``EVALSHA`` and
-    reads the reply on a connection nothing else uses, so it needs neither
-    the pool's checkout (which polls the socket) nor its bookkeeping, and it
-    knows whether a failed command could have reached the server. The
-    connection is built from the pool's own class and settings (TLS, unix
-    socket, ACL user, database, timeouts), but lives outside the pool's
-    ``max_connections``: each thread that enqueues holds one more. It closes
-    with its thread.
+    reads the reply on a connection nothing else uses while it is out, so it
+    needs neither the pool's checkout (which polls the socket) nor its
+    bookkeeping, and it knows whether a failed command could have reached the
+    server. Connections are built from the pool's own class and settings
+    (TLS, unix socket, ACL user, database, timeouts), taken from and given
+    back to a free list: there are never more than calls at once, so a
+    gevent producer running hundreds of greenlets reuses a handful instead
+    of opening one per greenlet. A forked child never writes on its parent's
+    sockets: it starts with a free list of its own.
     """
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
-        self._local = threading.local()
+        self._free: list[Any] = []
+        self._pid = os.getpid()
+        self._mutex = threading.Lock()
 
-    def get(self) -> Any:
-        local = self._local
-        connection = getattr(local, "connection", None)
-        if connection is None or local.pid != os.getpid():
-            # A forked child never writes on its parent's socket.
-            connection = self._pool.connection_class(**self._pool.connection_kwargs)
-            local.connection, local.pid = connection, os.getpid()
-        return connection
+    def take(self) -> Any:
+        if self._pid != os.getpid():
+            self._free, self._pid = [], os.getpid()
+        try:
+            return self._free.pop()
+        except IndexError:
+            return self._pool.connection_class(**self._pool.connection_kwargs)
+
+    def give_back(self, connection: Any) -> None:
+        if self._pid == os.getpid():
+            self._free.append(connection)
 
 
 def _packed(head: bytes, parts: tuple[bytes, ...]) -> bytes:
@@ -393,14 +599,13 @@ def _head(sha: str, keys: int, args: int) -> bytes:
     )
 
 
-def _evalsha_on_own_connection(
-    connections: _OwnConnections, script: Any, command: list[bytes]
-) -> tuple[Any, bool]:
+def _evalsha_on_own_connection(connections: _OwnConnections, script: Any, command: list[bytes]) -> Any:
     # A connection dropped after the command was sent (a restarted server, a
     # socket closed by a proxy or by the server's idle timeout) is retried
-    # once on a fresh one; a timeout is not retried, and its socket is
-    # closed so that a late reply is never read as another command's.
-    connection = connections.get()
+    # once on a fresh one: the scripts are safe to send twice. A timeout is
+    # not retried, and its socket is closed so that a late reply is never
+    # read as another command's.
+    connection = connections.take()
     for attempt in (1, 2):
         try:
             connection.connect()  # at once if connected
@@ -409,30 +614,40 @@ def _evalsha_on_own_connection(
             # authentication: nothing was sent on this attempt, and a first
             # attempt that was sent ended in a retry.
             connection.disconnect()
+            connections.give_back(connection)
             raise AcquireError(exc, maybe_applied=attempt > 1) from exc
         try:
             try:
                 connection.send_packed_command(command, check_health=False)
-                return connection.read_response(), attempt > 1
+                reply = connection.read_response()
             except NoScriptError:
                 # A restarted server or a SCRIPT FLUSH: load it, run it again.
                 connection.send_command("SCRIPT", "LOAD", script.script, check_health=False)
                 connection.read_response()
                 connection.send_packed_command(command, check_health=False)
-                return connection.read_response(), attempt > 1
+                reply = connection.read_response()
         except redis.ConnectionError as exc:
             connection.disconnect()
             if attempt == 1 and not isinstance(exc, redis.AuthenticationError):
                 continue
+            connections.give_back(connection)
             raise AcquireError(exc, maybe_applied=True) from exc
         except redis.ResponseError as exc:
+            connections.give_back(connection)
             raise AcquireError(exc, maybe_applied=True) from exc
         except BaseException as exc:
             connection.disconnect()
+            connections.give_back(connection)
             if isinstance(exc, redis.RedisError):
                 raise AcquireError(exc, maybe_applied=True) from exc
             raise
+        connections.give_back(connection)
+        return reply
     raise AcquireError(redis.ConnectionError("no attempt left"), maybe_applied=True)  # pragma: no cover
+
+
+def _arg(value: str | int) -> bytes:
+    return value.encode() if isinstance(value, str) else b"%d" % value
 
 
 def _text(value: Any) -> str | None:
@@ -441,6 +656,8 @@ def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def attempt_of(retries: Any, nesting: Any) -> str:
-    """Return the attempt string of a request: ``"<replace nesting>|<retries>"``."""
-    return f"{int(nesting or 0)}|{int(retries or 0)}"
+def marker_says_running(marker: Any) -> bool:
+    """Whether the marker value ``marker`` (as stored, or None) says a copy of its task runs."""
+    if isinstance(marker, bytes):
+        return marker.startswith(b"r|")
+    return isinstance(marker, str) and marker.startswith("r|")

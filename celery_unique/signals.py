@@ -1,18 +1,18 @@
-"""Signal receivers that end runs, and the ``task_duplicate`` signal.
+"""Signal receivers that begin and end runs, and the ``task_duplicate`` signal.
 
-``UniqueTask`` runs its body inside a run of its own (see
-:mod:`celery_unique.execution`). These receivers cover the rest:
+Every task whose message carries a lock, a ``UniqueTask`` or a plain task
+reached with ``send_unique``, runs inside a run (see
+:mod:`celery_unique.execution`): it begins at ``task_prerun`` and ends at
+``task_postrun``, the two points Celery signals for every outcome. The
+worker's main process adds:
 
-* tasks of other classes whose message carries a lock (``send_unique`` to a
-  plain task, a plain task that replaced a unique one): a run begins at
-  ``task_prerun`` and ends at ``task_success``, ``task_failure``,
-  ``task_retry`` or ``task_postrun``;
-* failures the worker's main process reports (a pool process that died, a
-  hard time limit);
-* ``task_revoked``: a revoke or an expired message releases the lock (Asynq:
-  deleting a task releases its lock), except a terminate with a signal the
-  task may survive, such as ``SIGUSR1``: that task ends its run itself, or its
-  death is reported to the main process (see :mod:`celery_unique.worker`).
+* ``task_received``: the time the message arrived, so a run can tell
+  whether the broker may have copied it since;
+* ``task_revoked``: a message discarded as revoked or expired releases its
+  lock (Asynq: deleting a task releases its lock), never while a copy of the
+  same task id runs, and drops any later copy of it. A terminated task's
+  lock goes when its process is known to have ended (see
+  :mod:`celery_unique.worker`).
 """
 
 from __future__ import annotations
@@ -20,34 +20,25 @@ from __future__ import annotations
 import logging
 import signal as _signal
 import threading
+import time
 from typing import Any
 
-import redis
-from celery import Task, states
-from celery.exceptions import Ignore
+from celery import Task
 from celery.signals import (
     beat_init,
     task_failure,
     task_postrun,
     task_prerun,
-    task_retry,
+    task_received,
     task_revoked,
-    task_success,
 )
 from celery.utils.dispatch import Signal
 
-from .execution import (
-    LOCK_HEADER,
-    RUN_ATTR,
-    UNTIL_HEADER,
-    Run,
-    begin_run,
-    lock_of,
-    warn_release_failed,
-    worker_state,
-)
+from .execution import RUN_ATTR, begin_run, end_run, warn_release_failed, worker_state
+from .headers import LOCK_HEADER, RECEIVED_KEY, carried_by, headers_of
+from .lock import attempt_of
 
-__all__ = ["LOCK_HEADER", "UNTIL_HEADER", "in_beat", "task_duplicate"]
+__all__ = ["in_beat", "task_duplicate"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,25 +46,7 @@ logger = logging.getLogger(__name__)
 #: ``task_id`` (the holder), ``args`` and ``kwargs``.
 task_duplicate = Signal(name="task_duplicate")
 
-# Runs of tasks that are not UniqueTasks, by task id: a failure Celery reports
-# after the request left the task's stack (applying a chain link raised) is
-# found here by its id.
-_plain_runs: dict[tuple[str, int], Run] = {}
-
-
-def _plain_key(task_id: str) -> tuple[str, int]:
-    # Every signal of a run comes from the thread that runs it; keyed by the
-    # thread too, two copies of one task id in a threads pool stay apart.
-    return task_id, threading.get_ident()
-
-
-def _pop_plain(task_id: str | None) -> Run | None:
-    return _plain_runs.pop(_plain_key(task_id), None) if task_id else None
-
-# The message of the Ignore that Celery's Task.on_replace raises.
-_REPLACED = "Replaced by new task"
-
-# Signals a terminated task cannot survive: its lock goes with the revoke.
+# Signals a terminated task cannot survive.
 _FATAL_SIGNALS = frozenset({_signal.SIGTERM, _signal.SIGKILL})
 
 _local = threading.local()
@@ -90,83 +63,46 @@ def _on_beat_init(**_: Any) -> None:
     _local.beat = True
 
 
-def _runs_itself(task: Any) -> bool:
-    return bool(getattr(task, "runs_its_own_lock", False))
+def _on_received(request: Any = None, **_: Any) -> None:
+    # In the worker's main process, as the message arrives: stamped on the
+    # request the pool receives, locked messages only.
+    request_dict = getattr(request, "request_dict", None)
+    if isinstance(request_dict, dict) and LOCK_HEADER in request_dict:
+        request_dict[RECEIVED_KEY] = time.time()
 
 
-def _on_prerun(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
-    if sender is None or _runs_itself(sender):
+def _on_prerun(sender: Task | None = None, **_: Any) -> None:
+    if sender is None:
         return
-    run = begin_run(sender, sender.request)
-    if run is None:
+    request = sender.request
+    run = begin_run(sender, request)
+    if run is None or run.verdict in ("run", "stray") or getattr(sender, "runs_its_own_lock", False):
         return
-    verdict = run.begin()
-    if verdict != "run":
-        # Only a UniqueTask can hold back a second copy of itself.
-        logger.warning(
-            "celery_unique: task %s[%s] runs while another copy of it runs or has run",
-            sender.name, run.task_id,
-        )
-    _plain_runs[_plain_key(run.task_id)] = run
+    # A UniqueTask holds back or drops such a copy (UniqueTask.before_start);
+    # a plain task cannot be stopped here: it runs, and leaves the lock alone.
+    logger.warning(
+        "celery_unique: task %s[%s] runs while another copy of it runs or has run (%s); "
+        "only a UniqueTask holds such a copy back", sender.name, run.task_id, run.verdict,
+    )
+    run.verdict = "unmarked"
 
 
-def _end_plain(task_id: str | None, outcome: Any) -> None:
-    run = _pop_plain(task_id)
-    if run is not None:
-        run.end(outcome)
-
-
-def _on_success(sender: Task | None = None, **_: Any) -> None:
+def _on_postrun(sender: Task | None = None, state: str | None = None, retval: Any = None, **_: Any) -> None:
     if sender is not None:
-        _end_plain(sender.request.id, "success")
-
-
-def _on_retry(request: Any = None, **_: Any) -> None:
-    if request is not None:
-        _end_plain(getattr(request, "id", None), "retry")
-
-
-def _on_postrun(task_id: str | None = None, state: str | None = None, retval: Any = None, **_: Any) -> None:
-    # Outcomes with no signal of their own.
-    if state == states.IGNORED:
-        run = _pop_plain(task_id)
-        if run is not None:
-            # Task.replace() ends the replaced task with Celery's own Ignore:
-            # its replacement runs on under this id, so the lock stays.
-            run.replaced = isinstance(retval, Ignore) and str(retval) == _REPLACED
-            run.end_ignored()
-    elif state == states.REJECTED:
-        _end_plain(task_id, "requeue" if getattr(retval, "requeue", False) else "failure")
-    elif state is None:
-        # The body raised a BaseException that is not an Exception.
-        run = _pop_plain(task_id)
-        if run is not None:
-            run.abandon()
+        request = sender.request
+        if RUN_ATTR in request.__dict__:
+            end_run(request, state, retval)
 
 
 def _on_failure(sender: Task | None = None, task_id: str | None = None, **_: Any) -> None:
-    # task_failure means a final failure: a retry raises Retry instead.
-    run = _pop_plain(task_id)
-    if run is not None:
-        run.end("failure")
-        return
-    if sender is None:
-        return
+    # In the worker's main process, a final failure it records for a pool
+    # process that died: UniqueRequest ends that run once it knows whether
+    # the message comes back.
     from .worker import failing_request
 
     failing = failing_request()
-    if failing is not None:
-        # The main process reports a pool process's death; UniqueRequest
-        # ends the run once it knows whether the message comes back.
-        if failing.id == task_id:
-            failing.final_failure = True
-        return
-    request = sender.request
-    if RUN_ATTR in request.__dict__ or getattr(request, "id", None) != task_id:
-        return  # a UniqueTask's own run ended it, or no request to read
-    carried = lock_of(request)
-    if carried is not None and carried[1] == "finish" and task_id:
-        _release(sender, carried[0], task_id)
+    if failing is not None and failing.id == task_id:
+        failing.final_failure = True
 
 
 def _on_revoked(
@@ -178,20 +114,29 @@ def _on_revoked(
 ) -> None:
     if sender is None or request is None:
         return
-    carried = lock_of(request)
-    if carried is None:
+    carried = carried_by(headers_of(request))
+    if carried is None or not getattr(request, "id", None):
         return
-    if terminated and not _is_fatal(signum):
-        # The task may survive this signal (SIGUSR1 raises SoftTimeLimitExceeded
-        # inside it): its lock goes when it really ends.
+    state = worker_state(sender)
+    if state is None:
+        return
+    attempt = attempt_of(request.id, request, carried.nonce)
+    if terminated and (getattr(sender, "runs_its_own_lock", False) or not _is_fatal(signum)):
+        # A UniqueTask's run ends when its process is known to be gone
+        # (UniqueRequest), or by itself if it survives the signal (SIGUSR1
+        # raises SoftTimeLimitExceeded inside it).
         logger.info(
             "celery_unique: task %s[%s] was sent signal %s; its lock %s stays until it ends",
-            sender.name, request.id, signum, carried[0],
+            sender.name, request.id, signum, carried.key,
         )
         return
-    # A message discarded as revoked or expired (not terminated) may be a copy
-    # of the same task id (redelivered, or deferred) while another copy runs.
-    _release(sender, carried[0], request.id, unless_running=not terminated)
+    # Discarded as revoked or expired (it never runs here), or a plain task
+    # killed: a copy of the same task id that runs elsewhere, marked, keeps
+    # the lock (see DISCARD_SCRIPT).
+    try:
+        state.store.discard(carried.key, attempt, drop_later=True)
+    except Exception as exc:
+        warn_release_failed(sender, request.id, carried.key, exc)
 
 
 def _is_fatal(signum: Any) -> bool:
@@ -206,26 +151,11 @@ def _is_fatal(signum: Any) -> bool:
         return True  # unknown: as a kill
 
 
-def _release(task: Task, key: str, task_id: str, *, unless_running: bool = False) -> None:
-    """Release ``task_id``'s lock, owner-checked; with ``unless_running``, not while a copy of it runs."""
-    state = worker_state(task)
-    if state is None:
-        return
-    try:
-        if unless_running:
-            state.store.release_unless_running(key, task_id)
-        else:
-            state.store.release(key, task_id)
-    except redis.RedisError as exc:
-        warn_release_failed(task, task_id, key, exc)
-
-
 # Connected once, at import: the receivers act only on tasks whose message
 # carries a lock key, so other tasks pay one attribute lookup.
 beat_init.connect(_on_beat_init, weak=False)
+task_received.connect(_on_received, weak=False)
 task_prerun.connect(_on_prerun, weak=False)
-task_success.connect(_on_success, weak=False)
-task_retry.connect(_on_retry, weak=False)
 task_postrun.connect(_on_postrun, weak=False)
 task_failure.connect(_on_failure, weak=False)
 task_revoked.connect(_on_revoked, weak=False)

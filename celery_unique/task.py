@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Task
-from celery.backends.base import DisabledBackend
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Ignore
 from celery.result import AsyncResult
 
-from .canvas import record_refusal, replacement_of
+from .canvas import in_hand_over, record_refusal, replacement_of
 from .cleanup import clean_up_later, release_quietly
 from .compat import BEAT_HEADER
 from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
-from .execution import (
-    LOCK_HEADER,
-    REPLACES_HEADER,
-    RUN_ATTR,
-    UNTIL_HEADER,
-    Run,
-    begin_run,
-    second_copy,
-)
-from .holders import take_over_if_finished
+from .execution import _EAGER_RETRY, RUN_ATTR, Run, eager_calls, hold_back, pending_eager_retry
+from .headers import LOCK_HEADER, NONCE_HEADER, OWN_HEADERS, REPLACES_HEADER, UNTIL_HEADER, carried_by
+from .holders import looks_up_any_task, take_over_if_finished
 from .ids import new_task_id
 from .keys import call_digest, key_head
-from .lock import AcquireError, LockStore, running_marker_key
+from .lock import AcquireError, Attempt, LockStore
+from .option_names import check_option_names
 from .options import (
     ON_DUPLICATE,
     OPTION_NAMES,
@@ -44,6 +37,7 @@ from .options import (
     check_unique_on,
 )
 from .signals import in_beat, task_duplicate
+from .switch import unlock_if_disabled
 from .ttl import delay_ms, ttl_ms
 from .typed import UniqueSignature, typed_apply_async
 
@@ -52,18 +46,9 @@ __all__ = ["LOCK_HEADER", "UniqueTask"]
 logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
-# The package's own headers: never taken from a caller's headers, which are
-# often forwarded from another task's request.
-_OWN_HEADERS = (LOCK_HEADER, UNTIL_HEADER, REPLACES_HEADER)
 # Headers that schedulers put on the tasks they send: Celery beat (5.4+) and
 # django-celery-beat (its scheduler and its admin's "Run selected tasks").
 _SCHEDULE_HEADERS = (BEAT_HEADER, "periodic_task_name")
-# Set while UniqueTask.apply_async runs a task eagerly (task_always_eager):
-# the task id it locked, so that apply() does not lock it again, and whether
-# the task's run began (then the run's outcome decided the lock's fate).
-_eager_lock: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
-    "celery_unique_eager_lock", default=None
-)
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -147,9 +132,14 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         ``unique=`` (seconds or ``timedelta``) overrides the task's default
         TTL, and ``unique=None`` turns locking off for this call.
         """
+        check_option_names(self.name, options)
+        unlock_if_disabled(self, options)
         requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
-        if self._carries_own_lock(task_id, options):
-            return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
+        continued = self._continued_run(task_id, options)
+        if continued is not None:
+            return self._continue(continued, options, lambda: self._publish(
+                args, kwargs, task_id, producer, link, link_error, shadow, options
+            ))
         ttl = requested.get("unique", self.unique)
         from_schedule = self._from_schedule(options.get("headers"))
         _drop_own_headers(options)
@@ -168,7 +158,7 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         except BaseException:
             # No lock without a published task: whatever stopped the publish
             # (broker down, serializer error, Ctrl-C), give the lock back.
-            release_quietly(store, key, task_id)
+            release_quietly(store, key, task_id, _nonce_of(options))
             raise
 
     def apply(
@@ -191,26 +181,35 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         ``task_always_eager``) run their members with ``apply``: each member
         takes and releases its lock as it would under a worker.
         """
+        check_option_names(self.name, options)
+        unlock_if_disabled(self, options)
         requested = {name: options.pop(name) for name in OPTION_NAMES if name in options}
         call_options = dict(options, headers=headers, retries=retries)
-        eager = _eager_lock.get()
-        if (eager is not None and eager[0] == task_id) or self._carries_own_lock(task_id, call_options):
-            return self._apply(args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
-                               headers, options)
+
+        def run_here(run_headers: Any) -> Any:
+            return super(UniqueTask, self).apply(
+                args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
+                run_headers, **options,
+            )
+
+        eager = eager_calls.get()
+        if eager is not None and eager[0] == task_id:
+            return run_here(headers)
+        continued = self._continued_run(task_id, call_options)
+        if continued is not None:
+            return self._continue(continued, call_options, lambda: run_here(headers))
         ttl = requested.get("unique", self.unique)
         from_schedule = self._from_schedule(headers)
         _drop_own_headers(call_options)
         if ttl is None:
-            return self._apply(args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
-                               call_options["headers"], options)
+            return run_here(call_options["headers"])
         locked = self._lock(
             args, kwargs, task_id, call_options, ttl, requested, from_schedule, link, link_error
         )
         if isinstance(locked, AsyncResult):
             return locked
         _, _, task_id = locked
-        return self._apply(args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
-                           call_options["headers"], options)
+        return run_here(call_options["headers"])
 
     def lock_key(
         self,
@@ -244,84 +243,120 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
 
     # -- run --------------------------------------------------------------------------------------
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the body inside the run of the message's lock (see :mod:`celery_unique.execution`)."""
-        run = begin_run(self, self.request)
-        if run is None:
-            return super().__call__(*args, **kwargs)
-        eager = _eager_lock.get()
-        if eager is not None and eager[0] == run.task_id:
-            eager[1] = True
-        verdict = run.begin()
-        if verdict != "run":
-            raise second_copy(self, run, verdict, args, kwargs)
-        # The tracer has pushed this task and its request already. Unless a
-        # class between this one and Task has a __call__ of its own, run the
-        # body as Celery does for a task without one: Task.__call__ pushes a
-        # second request, which before Celery 5.5 is empty (no id, no headers)
-        # instead of a copy of the first.
-        body = super().__call__
-        if getattr(body, "__func__", None) is Task.__call__:
-            body = self.run
-        try:
-            result = body(*args, **kwargs)
-        except Retry:
-            run.end("retry")
-            raise
-        except Reject as exc:
-            run.end("requeue" if exc.requeue else "failure")
-            raise
-        except Ignore:
-            run.end_ignored()
-            raise
-        except Exception:
-            run.end("failure")
-            raise
-        except BaseException:
-            run.abandon()
-            raise
-        # Released before Celery stores the result: a caller that enqueues the
-        # same call again as soon as result.get() returns is never refused.
-        run.end("success")
-        return result
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Hold back or drop a copy of this task that must not run now (see :mod:`celery_unique.execution`).
+
+        Its run began at ``task_prerun``; a subclass that overrides this
+        method calls ``super().before_start(...)`` first.
+        """
+        run: Run | None = self.request.__dict__.get(RUN_ATTR)
+        if run is not None and run.verdict not in ("run", "stray"):
+            raise hold_back(self, run, self.request, args, kwargs)
+
+    def update_state(self, task_id: str | None = None, state: str | None = None, meta: Any = None,
+                     **kwargs: Any) -> None:
+        """Store a state as Celery does, and remember it for the run's end (``Ignore`` after it)."""
+        super().update_state(task_id, state, meta, **kwargs)
+        run: Run | None = self.request.__dict__.get(RUN_ATTR)
+        if run is not None and (task_id is None or task_id == run.task_id):
+            run.stored = state
 
     def on_replace(self, sig: Any) -> Any:
         """Hand this task's lock to the replacement, which runs under the same task id."""
         run: Run | None = self.request.__dict__.get(RUN_ATTR)
-        if run is not None:
-            run.replaced = True
-            headers = {LOCK_HEADER: run.key, REPLACES_HEADER: run.task_id}
-            if run.until != "success":
-                headers[UNTIL_HEADER] = run.until
-            final = replacement_of(sig, run.task_id)
-            if final is not None:
-                final.set(headers={**(final.options.get("headers") or {}), **headers})
-        return super().on_replace(sig)
+        if run is None:
+            return super().on_replace(sig)
+        headers = {LOCK_HEADER: run.key, REPLACES_HEADER: run.task_id}
+        if run.until != "success":
+            headers[UNTIL_HEADER] = run.until
+        if run.attempt.nonce:
+            headers[NONCE_HEADER] = run.attempt.nonce
+        final = replacement_of(sig, run.task_id)
+        if final is not None:
+            final.set(headers={**(final.options.get("headers") or {}), **headers})
+        attempt = run.attempt._replace(nesting=run.attempt.nesting + 1, retries=0)
+        return self._continue(run, {"_attempt": attempt}, lambda: super(UniqueTask, self).on_replace(sig))
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _carries_own_lock(self, task_id: str | None, options: Mapping[str, Any]) -> bool:
-        """Whether this call continues a lock its task id already holds.
+    def _continued_run(self, task_id: str | None, options: Mapping[str, Any]) -> Any:
+        """The run this call continues, or None: only a task's own retry or replacement does.
 
-        A retry re-enqueues the task under its own id with the lock header
-        from its request: as in Asynq, it keeps the lock it has and is never
-        checked again. A ``Task.replace()`` replacement continues the replaced
-        task's lock under the same id.
+        A retry re-enqueues the task under its own id, from inside its run,
+        with one more retry; a ``Task.replace()`` replacement is published
+        from inside the replaced task's run under its id. As in Asynq, either
+        keeps the lock and is never checked again. Any other call that names
+        a task id holding a lock is a duplicate, whatever options it passes.
         """
         if not task_id:
-            return False  # a retry or a replacement always names its task id
-        if options.get("retries"):
-            return True
+            return None
+        retries = options.get("retries")
         headers = options.get("headers")
-        return bool(headers and headers.get(REPLACES_HEADER) == task_id)
+        replaces = isinstance(headers, Mapping) and headers.get(REPLACES_HEADER) == task_id
+        if not (retries or replaces):
+            return None
+        if pending_eager_retry(task_id, retries):
+            return _EAGER_RETRY
+        current = self._get_app().current_task
+        request = current.request if current is not None else None
+        run = request.__dict__.get(RUN_ATTR) if request is not None and request.id == task_id else None
+        if run is not None:
+            return run if replaces or int(retries or 0) == run.attempt.retries + 1 else None
+        from .worker import failing_request
 
-    def _from_schedule(self, headers: Mapping[str, Any] | None) -> bool:
+        failing = failing_request()  # the main process retries a task whose process was lost
+        return failing if failing is not None and failing.id == task_id and retries else None
+
+    def _continue(self, run: Any, options: Mapping[str, Any], publish: Any) -> Any:
+        """Publish a retry or replacement of ``run`` with ``publish()``; then say so to the lock store."""
+        if run is _EAGER_RETRY:
+            return publish()
+        run.continued = True
+        try:
+            result = publish()
+        except Ignore:  # Task.on_replace published the replacement, then ignores the replaced task
+            self._mark_continued(run, options)
+            raise
+        except BaseException:
+            run.continued = False
+            raise
+        self._mark_continued(run, options)
+        return result
+
+    def _mark_continued(self, run: Any, options: Mapping[str, Any]) -> None:
+        # Sent after the publish (see CONTINUE_SCRIPT): a state the task
+        # stores from now on (a retry with throw=False stores SUCCESS) is not
+        # taken for the new attempt's, and copies of this attempt are dropped.
+        if isinstance(run, Run):
+            if run.eager:
+                return
+            key, nonce, state = run.key, run.attempt.nonce, run.state
+        else:
+            carried = carried_by(run.request_dict)
+            if carried is None:
+                return
+            key, nonce, state = carried.key, carried.nonce, app_state(self._get_app())
+        attempt = options.get("_attempt") or Attempt(
+            run.id if not isinstance(run, Run) else run.task_id,
+            int(options.get("replaced_task_nesting") or 0),
+            int(options.get("retries") or 0),
+            nonce,
+        )
+        try:
+            state.store.continue_(key, attempt)
+        except Exception as exc:
+            logger.warning(
+                "celery_unique: could not record the retry of task %s[%s] under lock %s (%s)",
+                self.name, attempt.task_id, key, exc,
+            )
+
+    def _from_schedule(self, headers: Any) -> bool:
         # Beat's own thread, or a scheduler's header on a call made outside a
         # running task: a header forwarded from a task's request never counts.
         if in_beat():
             return True
         return bool(
-            headers
+            isinstance(headers, Mapping)
             and any(headers.get(name) for name in _SCHEDULE_HEADERS)
             and self._get_app().current_worker_task is None
         )
@@ -348,30 +383,28 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         if countdown or eta:
             lock_ttl_ms += delay_ms(app.now(), countdown, eta)
         # The lock's value is the task id, so the id must exist before the lock.
+        # A caller-chosen id may have run before: its incarnation gets a nonce.
         chosen_id = task_id
         task_id = task_id or new_task_id()
+        nonce = secrets.token_urlsafe(6) if chosen_id else None
         headers = dict(options.get("headers") or ())
         headers[LOCK_HEADER] = key
         if unique.until != "success":
             headers[UNTIL_HEADER] = unique.until
+        if nonce is not None:
+            headers[NONCE_HEADER] = nonce
         options["headers"] = headers
 
         try:
             store = state.store
         except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
             raise LockStoreError.from_error(self.name, key, exc) from exc
-        # A caller-chosen id may have run before: its marker says "queued" until
-        # it starts, so that a state it stored then is not taken for this run's,
-        # and the "done" marker its last run left does not drop this one.
-        marker = running_marker_key(key, task_id) if chosen_id else None
-        holder = self._acquire(store, key, task_id, lock_ttl_ms, marker)
-        if holder == task_id and chosen_id is None:
-            holder = None  # our own command, applied before a dropped connection
+        holder = self._acquire(store, key, task_id, lock_ttl_ms, nonce)
         if holder is not None and holder != task_id and state.config.check_holder:
             backend = self.backend
-            if backend is not None and not isinstance(backend, DisabledBackend):
+            if looks_up_any_task(backend) and not _eager_without_results(app):
                 holder = take_over_if_finished(
-                    store, backend, key, holder, task_id, lock_ttl_ms, unique.until, marker
+                    store, backend, key, holder, task_id, lock_ttl_ms, unique.until, nonce
                 )
         if holder is None:
             return store, key, task_id
@@ -416,24 +449,6 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )
 
-    def _apply(
-        self,
-        args: Any,
-        kwargs: Any,
-        link: Any,
-        link_error: Any,
-        task_id: Any,
-        retries: Any,
-        throw: Any,
-        logfile: Any,
-        loglevel: Any,
-        headers: Any,
-        options: dict[str, Any],
-    ) -> Any:
-        return super().apply(
-            args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel, headers, **options
-        )
-
     def _run_eagerly(
         self,
         store: LockStore,
@@ -452,15 +467,15 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         # even when task_eager_propagates raises it here). Only an error
         # before the run began is a failed "publish".
         eager = [task_id, False]
-        token = _eager_lock.set(eager)
+        token = eager_calls.set(eager)
         try:
             return self._publish(args, kwargs, task_id, producer, link, link_error, shadow, options)
         except BaseException:
             if not eager[1]:
-                release_quietly(store, key, task_id)
+                release_quietly(store, key, task_id, _nonce_of(options))
             raise
         finally:
-            _eager_lock.reset(token)
+            eager_calls.reset(token)
 
     def _resolve_options(
         self, ttl: Any, requested: Mapping[str, Any], config: UniqueConfig
@@ -514,6 +529,12 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
             # it now instead of waiting for ever.
             error = DuplicateTaskError(self.name, holder, key)
             record_refusal(self, refused_id, error, args, kwargs, options, link, link_error)
+        if in_hand_over(self._get_app()):
+            # A worker sending the next step of a canvas after a step ran: the
+            # refused step's own result says why, and the step that ran keeps
+            # its result. Raising here would make Celery store that step as
+            # failed, and send a chord down its failure path.
+            return self.AsyncResult(refused_id or holder)
         # Beat would log a duplicate as a scheduling ERROR with a traceback on
         # every tick; for a scheduler a duplicate is expected, so it is only logged.
         if unique.on_duplicate == "existing" or from_schedule:
@@ -552,10 +573,10 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         return str(route.get("routing_key") or "")
 
     def _acquire(
-        self, store: LockStore, key: str, task_id: str, ttl: int, marker: str | None
+        self, store: LockStore, key: str, task_id: str, ttl: int, nonce: str | None
     ) -> str | None:
         try:
-            return store.acquire(key, task_id, ttl, marker)
+            return store.acquire(key, task_id, ttl, nonce)
         except AcquireError as failure:
             exc = failure.error
             if failure.maybe_applied:
@@ -563,13 +584,25 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
                 # up; this id is never published, so an owner-checked release
                 # is always safe. It runs in the background: against a stalled
                 # server it would wait out a second timeout first.
-                clean_up_later(store, key, task_id)
+                clean_up_later(store, key, task_id, nonce or "")
             raise LockStoreError.from_error(self.name, key, exc) from exc
 
 
 def _drop_own_headers(options: dict[str, Any]) -> None:
     headers = options.get("headers")
-    if headers and any(name in headers for name in _OWN_HEADERS):
-        options["headers"] = {k: v for k, v in headers.items() if k not in _OWN_HEADERS}
+    if isinstance(headers, Mapping) and any(name in headers for name in OWN_HEADERS):
+        options["headers"] = {k: v for k, v in headers.items() if k not in OWN_HEADERS}
+
+
+def _eager_without_results(app: Any) -> bool:
+    # Eager runs store no result unless task_store_eager_result is set.
+    conf = app.conf
+    return bool(conf.task_always_eager and not conf.task_store_eager_result)
+
+
+def _nonce_of(options: Mapping[str, Any]) -> str:
+    headers = options.get("headers")
+    nonce = headers.get(NONCE_HEADER) if isinstance(headers, Mapping) else None
+    return nonce if isinstance(nonce, str) else ""
 
 

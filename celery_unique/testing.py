@@ -10,11 +10,13 @@ In a project's own ``conftest.py``::
         return app
 
 gives the ``clear_unique_locks`` fixture, which clears that app's locks before
-and after a test, and ``eager_unique_tasks``, which also runs its tasks
-eagerly for the test. Without a ``celery_unique_app`` fixture of its own, a
-project gets the ``celery_app`` fixture of Celery's pytest plugin, if it uses
-it. Outside pytest, ``clear_locks(app)`` and ``with eager_tasks(app):`` do the
-same.
+and after a test, ``eager_unique_tasks``, which also runs its tasks eagerly
+for the test, and ``eager_tasks_without_locks``, which runs them eagerly with
+locking off and needs no Redis. Without a ``celery_unique_app`` fixture of its
+own, a project gets the ``celery_app`` fixture of Celery's pytest plugin, if
+it uses it. Outside pytest, ``clear_locks(app)``, ``with eager_tasks(app):``,
+``with eager_tasks(app, locks=False):`` and ``with locking_disabled(app):`` do
+the same.
 
 ``RedisServer`` starts a real ``redis-server`` on a free loopback port, with no
 persistence, and stops it on exit. The binary is ``$REDIS_SERVER``, else
@@ -25,6 +27,7 @@ Python can run it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -47,8 +50,10 @@ __all__ = [
     "clear_locks",
     "clear_unique_locks",
     "eager_tasks",
+    "eager_tasks_without_locks",
     "eager_unique_tasks",
     "find_redis_server",
+    "locking_disabled",
     "wait_for",
 ]
 
@@ -181,7 +186,7 @@ class LockDatabase(redis.Redis):
 
     While a task runs, and for a short while after, its worker keeps a running
     marker beside its lock (``{<lock key>}:run:<task id>``, see
-    :mod:`celery_unique.lock`); tests that count locks look past them.
+    ``celery_unique.lock``); tests that count locks look past them.
     ``LockDatabase.from_url(url)`` works as for ``redis.Redis``.
     """
 
@@ -200,7 +205,27 @@ def clear_locks(app: Any) -> int:
 
 
 @contextmanager
-def eager_tasks(app: Any) -> Iterator[Any]:
+def locking_disabled(app: Any) -> Iterator[Any]:
+    """Turn ``app``'s locking off in the block, as ``unique_enabled = False`` does.
+
+    Unique calls publish (or, in eager mode, run) as plain Celery calls, with
+    their options still checked, and nothing connects to the lock store. It
+    wins over the setting and the ``CELERY_UNIQUE_ENABLED`` environment
+    variable, logs no warning, and puts the app's own switch back after.
+    """
+    from .config import app_state
+
+    state = app_state(app)
+    saved = state.config
+    state.config = dataclasses.replace(saved, enabled=False)
+    try:
+        yield app
+    finally:
+        state.config = saved
+
+
+@contextmanager
+def eager_tasks(app: Any, *, locks: bool = True) -> Iterator[Any]:
     """Run ``app``'s tasks eagerly in the block, with its locks cleared around it.
 
     Sets ``task_always_eager`` and ``task_eager_propagates`` (a task runs in
@@ -208,7 +233,25 @@ def eager_tasks(app: Any) -> Iterator[Any]:
     locks before and after the block; then puts both settings back as they
     were. Unique calls still take and release their locks in the lock store,
     so it must be reachable.
+
+    With ``locks=False`` locking is off in the block (see
+    :func:`locking_disabled`) and the locks are not cleared: no Redis is
+    needed at all.
     """
+    if not locks:
+        with locking_disabled(app), _eager_settings(app):
+            yield app
+        return
+    clear_locks(app)
+    try:
+        with _eager_settings(app):
+            yield app
+    finally:
+        clear_locks(app)
+
+
+@contextmanager
+def _eager_settings(app: Any) -> Iterator[None]:
     conf = app.conf
     # Reading a key loads a pending configuration; until then ``changes``
     # would be a placeholder that loading replaces.
@@ -219,17 +262,15 @@ def eager_tasks(app: Any) -> Iterator[Any]:
     names = [*EAGER_SETTINGS, *(f"{prefix}{name}".upper() for name in EAGER_SETTINGS if prefix)]
     changes = conf.changes
     saved = {name: changes[name] for name in names if name in changes}
-    clear_locks(app)
     changes.update(dict.fromkeys(names, True))
     try:
-        yield app
+        yield
     finally:
         for name in names:
             if name in saved:
                 changes[name] = saved[name]
             else:
                 changes.pop(name, None)
-        clear_locks(app)
 
 
 try:
@@ -276,4 +317,13 @@ else:
         Yields the app.
         """
         with eager_tasks(celery_unique_app) as app:
+            yield app
+
+    @pytest.fixture
+    def eager_tasks_without_locks(celery_unique_app: Any) -> Iterator[Any]:
+        """Run the ``celery_unique_app`` fixture's tasks eagerly, with locking off, during the test.
+
+        As ``eager_tasks(app, locks=False)``: no Redis is needed. Yields the app.
+        """
+        with eager_tasks(celery_unique_app, locks=False) as app:
             yield app

@@ -21,16 +21,17 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import redis
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.request import Request
 
+from . import liveness
 from .compat import waiting_requests
 from .config import app_state
 from .errors import ConfigurationError
-from .execution import LOCK_HEADER, UNTIL_HEADER, marker_owner, report_configuration_once
-from .lock import attempt_of, running_marker_key
+from .execution import report_configuration_once, warn_release_failed
+from .headers import carried_by
+from .lock import KEEP, RELEASE, REQUEUE, Attempt, attempt_of
 
 __all__ = ["UniqueRequest", "failing_request"]
 
@@ -65,60 +66,52 @@ class UniqueRequest(Request):  # type: ignore[misc]
 
     #: Set by the ``task_failure`` receiver: Celery recorded a final failure.
     final_failure = False
+    #: Set when a retry of this task was published for it (a lost worker's retry).
+    continued = False
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         with _failing(self):
             super().on_timeout(soft, timeout)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
-        with _failing(self):
-            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
-        if return_ok:
-            return  # the pool process reported it: its run has ended there
         exc = getattr(exc_info, "exception", None)
         exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
-        if not isinstance(exc, _DEATHS):
+        dead = not return_ok and isinstance(exc, _DEATHS)
+        if dead:
+            # The dead copy runs no more: its marker goes before Celery may
+            # requeue the message, so that the copy that comes back runs at once.
+            self._end_dead_run(REQUEUE)
+        with _failing(self):
+            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        if not dead or self.continued:
             return
         if self._already_revoked:
-            self._end_dead_run(leave_done=True, release=True)
-        elif self._already_cancelled:
-            self._end_dead_run(leave_done=False, release=False)
-        else:
-            until = self._headers().get(UNTIL_HEADER) or "success"
-            self._end_dead_run(
-                leave_done=self.final_failure,
-                release=self.final_failure and until == "finish",
-            )
+            self._end_dead_run(None, revoked=True)
+        elif not self._already_cancelled and self.final_failure:
+            carried = carried_by(self._headers())
+            self._end_dead_run(RELEASE if carried and carried.until == "finish" else KEEP)
 
     def _headers(self) -> dict[str, Any]:
         headers = self.request_dict
         return headers if isinstance(headers, dict) else {}
 
-    def _end_dead_run(self, *, leave_done: bool, release: bool) -> None:
-        headers = self._headers()
-        key = headers.get(LOCK_HEADER)
-        if not isinstance(key, str):
+    def _end_dead_run(self, outcome: str | None, *, revoked: bool = False) -> None:
+        carried = carried_by(self._headers())
+        if carried is None:
             return
         try:
             state = app_state(self.task._get_app())
         except ConfigurationError:
             return
-        attempt = attempt_of(headers.get("retries"), headers.get("replaced_task_nesting"))
-        running = f"run|{attempt}|{marker_owner(self.hostname, self.worker_pid)}"
-        done_ttl_ms = int(3 * state.config.running_ttl * 1000)
+        attempt = attempt_of(self.id, self._headers(), carried.nonce)
         try:
-            state.store.end(
-                key,
-                running_marker_key(key, self.id),
-                running,
-                f"done|{attempt}" if leave_done else "",
-                done_ttl_ms,
-                self.id if release else "",
-            )
-        except redis.RedisError as exc:
-            logger.warning(
-                "celery_unique: could not end the run of task %s[%s] (%s)", self.task.name, self.id, exc
-            )
+            if revoked:
+                state.store.discard(carried.key, attempt, drop_later=True)
+            elif outcome is not None:
+                owner = liveness.owner(self.hostname, pid=self.worker_pid or 0)
+                state.store.end(carried.key, attempt, owner, outcome, leave_done=outcome != REQUEUE)
+        except Exception as exc:
+            warn_release_failed(self.task, self.id, carried.key, exc)
 
 
 class _RevokeWatcher(threading.Thread):
@@ -151,21 +144,22 @@ class _RevokeWatcher(threading.Thread):
                     # there): Celery no longer checks its revoke, and runs it.
                     continue
                 released.add(request.id)
-                key = (request.request_dict or {}).get(LOCK_HEADER)
-                if isinstance(key, str):
-                    self._release(key, request.id)
+                headers = request.request_dict or {}
+                carried = carried_by(headers)
+                if carried is not None:
+                    self._release(carried.key, attempt_of(request.id, headers, carried.nonce))
 
-    def _release(self, key: str, task_id: str) -> None:
+    def _release(self, key: str, attempt: Attempt) -> None:
         # A revoked task that has not started never starts: Celery discards
         # it when its turn comes, and its marker turns "revoked" so that it is
         # dropped even by a worker restarted without the revoke. Owner-checked,
         # as every release, and never under another copy of the same task id
-        # that runs (a deferred copy waiting here while the first runs on).
+        # that runs (a held-back copy waiting here while the first runs on).
         try:
-            app_state(self.app).store.release_unless_running(key, task_id, revoked=True)
-        except (redis.RedisError, ConfigurationError) as exc:
+            app_state(self.app).store.discard(key, attempt, drop_later=True)
+        except Exception as exc:
             logger.warning(
-                "celery_unique: could not release lock %s of revoked task %s (%s)", key, task_id, exc
+                "celery_unique: could not release lock %s of revoked task %s (%s)", key, attempt.task_id, exc
             )
 
 

@@ -230,12 +230,11 @@ def register(app: Celery) -> None:
 
     @app.task(name="life.run_state", shared=False)
     def run_state() -> dict[str, int]:
-        # What this worker process keeps about runs: plain runs and markers to renew.
+        # What this worker process keeps about runs: markers to renew or to make.
         from celery_unique.config import app_state
-        from celery_unique.execution import heartbeat
-        from celery_unique.signals import _plain_runs
+        from celery_unique.keeper import keeper
 
-        return {"plain_runs": len(_plain_runs), "renewed": len(heartbeat(app_state(app))._markers)}
+        return {"renewed": keeper(app_state(app)).renewing()}
 
     @app.task(base=UniqueTask, name="life.retry_then_clean_up", bind=True, shared=False, max_retries=1)
     def retry_then_clean_up(self: UniqueTask, token: str, cleanup: float = 1.0) -> int:

@@ -148,3 +148,25 @@ def pids(scratch: redis.Redis, token: str, event: str = "start") -> list[int]:
     """The pids of the processes that recorded ``event`` for ``token``."""
     entries = [entry.decode().split(":") for entry in scratch.lrange(f"log:{token}", 0, -1)]
     return [int(parts[1]) for parts in entries if parts[0] == event]
+
+
+def redeliver_copy(
+    broker: redis.Redis, app: Any, name: str, task_id: str, key: str, args: tuple[Any, ...]
+) -> None:
+    """Put a copy of a task's first attempt on the lifecycle queue as kombu's Redis transport restores one.
+
+    It is published to a queue no worker reads, taken off it, flagged
+    ``redelivered`` in its headers and delivery info (what kombu's
+    ``_do_restore_message`` does to an unacknowledged message after
+    ``visibility_timeout``), and pushed onto the lifecycle queue.
+    """
+    from celery import Task
+
+    holding = f"holding-{task_id}"
+    headers = {"celery_unique_lock": key}
+    Task.apply_async(app.tasks[name], args, task_id=task_id, queue=holding, headers=headers)
+    raw = wait_until(lambda: broker.rpop(holding), what="the copy published")
+    message = json.loads(raw)
+    message["headers"]["redelivered"] = True
+    message["properties"]["delivery_info"].update(redelivered=True, routing_key=QUEUE)
+    broker.lpush(QUEUE, json.dumps(message))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,10 +21,13 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.contrib.testing.worker import start_worker
 
-from celery_unique import LockStoreError, UniqueLocks, UniqueTask
-from celery_unique.cli import _plural
+from celery_unique import LockStatus, LockStoreError, UniqueLocks, UniqueTask
+from celery_unique.cli import _duration, _plural
 from celery_unique.config import describe_store
+from celery_unique.ids import issued_at
+from celery_unique.lock import running_marker_key
 from celery_unique.testing import RedisServer, clear_locks
 from tests.cluster_support import LocalCluster
 from tests.conftest import wait_until
@@ -275,6 +284,180 @@ def test_clear_locks_fixture(
     assert clear_locks(request.getfixturevalue("celery_app")) == 1
 
 
+@pytest.fixture
+def tagged_app(redis_server: RedisServer) -> Celery:
+    """An app whose key prefix is a hash tag, "{locks}": its running markers match its SCAN pattern."""
+    app = Celery("tagged", set_as_current=False)
+    app.conf.update(
+        broker_url=redis_server.url(0), result_backend=redis_server.url(1),
+        unique_redis_url=redis_server.url(2), unique_key_prefix="{locks}",
+        broker_connection_retry_on_startup=False,
+    )
+    app.task(base=UniqueTask, name="tests.send_report", shared=False)(_report)
+    return app
+
+
+def test_running_markers_are_not_locks(tagged_app: Celery, redis_server: RedisServer) -> None:
+    """count, list, describe and clear skip running markers, also when the SCAN pattern matches them."""
+    task = tagged_app.tasks["tests.send_report"]
+    for i in range(3):
+        task.apply_async((i,), unique=60)
+    admin = UniqueLocks(tagged_app)
+    store = redis_server.client(2)
+    for lock in admin.list():
+        store.set(running_marker_key(lock.key, lock.task_id), "run|0|0|worker/1", px=60_000)
+    assert len(list(store.scan_iter(match="{locks}:*:*:*"))) == 6  # what the admin's SCAN finds
+    assert admin.count() == 3
+    assert len(admin.list()) == 3
+    assert [status.running for status in admin.describe()] == [True] * 3
+    assert admin.clear() == 3
+    assert store.dbsize() == 3  # the markers, left to their TTL
+
+
+# -- describe: age and holder state ---------------------------------------------
+
+
+@pytest.fixture
+def gate(celery_app: Celery) -> Iterator[threading.Event]:
+    """A task, tests.gated, that runs until the test opens the gate (at the latest when it ends)."""
+    opened = threading.Event()
+
+    @celery_app.task(base=UniqueTask, name="tests.gated")
+    def gated(user_id: int) -> int:
+        opened.wait(30)
+        return user_id
+
+    yield opened
+    opened.set()
+
+
+@pytest.fixture
+def gated_worker(celery_app: Celery, tasks: SimpleNamespace, gate: threading.Event) -> Iterator[Any]:
+    """A real worker (solo pool, in a thread) that knows tests.gated too."""
+    with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=20) as w:
+        yield w
+        gate.set()
+
+
+def test_describe_tells_what_each_holder_is_doing(
+    celery_app: Celery, tasks: SimpleNamespace, gated_worker: Any, locks: redis.Redis
+) -> None:
+    """describe() gives each lock's age and its holder's stored state, and says which holder runs."""
+    before = time.time()
+    failed = tasks.fail.apply_async((1,), unique=60)  # unique_until="success": kept on FAILURE
+    done = tasks.send_report.apply_async((2,), unique=60)
+    wait_until(lambda: failed.state == "FAILURE" and done.state == "SUCCESS", what="both ended")
+    # A release that never happened (a worker without celery_unique): put it back.
+    locks.set(tasks.send_report.lock_key((2,), None, {}), done.id, px=60_000)
+    queued = tasks.send_report.apply_async((3,), unique=60, queue="nobody")
+    chosen = tasks.send_report.apply_async((4,), unique=60, queue="nobody", task_id="report-4")
+    running = celery_app.tasks["tests.gated"].apply_async((5,), unique=60)
+    admin = UniqueLocks(celery_app)
+    wait_until(lambda: any(s.running for s in admin.describe()), what="the gated task to run")
+    after = time.time()
+    statuses = {status.task_id: status for status in admin.describe()}
+    assert {task_id: (s.state, s.running) for task_id, s in statuses.items()} == {
+        failed.id: ("FAILURE", False),
+        done.id: ("SUCCESS", False),
+        queued.id: ("PENDING", False),
+        chosen.id: ("PENDING", False),
+        running.id: ("PENDING", True),  # task_track_started is off: the marker tells
+    }
+    assert statuses["report-4"].issued_at is None
+    assert statuses["report-4"].age is None
+    for task_id in (failed.id, done.id, queued.id, running.id):
+        status = statuses[task_id]
+        assert status.issued_at is not None
+        assert before - 0.001 <= status.issued_at.timestamp() <= after
+        assert status.age is not None
+        assert 0 <= status.age <= time.time() - before + 0.001
+    listed = {lock.task_id: lock for lock in admin.list()}
+    assert statuses["report-4"][:4] == listed["report-4"][:4]  # LockInfo's fields first, in order
+
+
+def test_describe_reads_states_in_one_round_trip(redis_server: RedisServer) -> None:
+    """describe() reads the states of a batch's holders with one MGET, never a GET per holder."""
+    with RedisServer() as results:
+        app = Celery("batched", set_as_current=False)
+        app.conf.update(
+            broker_url=redis_server.url(0), result_backend=results.url(1),
+            unique_redis_url=redis_server.url(2), broker_connection_retry_on_startup=False,
+            task_ignore_result=True,
+        )
+        task = app.task(base=UniqueTask, name="tests.send_report", shared=False)(_report)
+        ids = [task.apply_async((i,), unique=60).id for i in range(30)]
+        for task_id in ids[:10]:
+            app.backend.mark_as_done(task_id, 1)
+        results.client().config_resetstat()
+        statuses = UniqueLocks(app).describe()
+        stats = results.client().info("commandstats")
+    assert sorted(s.state for s in statuses) == ["PENDING"] * 20 + ["SUCCESS"] * 10
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert "cmdstat_get" not in stats
+
+
+def test_describe_without_a_result_backend(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no result backend, describe() leaves states unknown, warns of nothing, and still tells ages."""
+    app = Celery("no_results", set_as_current=False)
+    app.conf.update(
+        broker_url=redis_server.url(0), unique_redis_url=redis_server.url(2),
+        broker_connection_retry_on_startup=False,
+    )
+    task = app.task(base=UniqueTask, name="tests.send_report", shared=False)(_report)
+    task.apply_async((1,), unique=60)
+    with caplog.at_level(logging.WARNING, logger="celery_unique.admin"):
+        (status,) = UniqueLocks(app).describe()
+    assert (status.state, status.running) == (None, False)
+    assert status.age is not None
+    assert caplog.records == []
+
+
+def test_describe_with_the_result_backend_down(
+    redis_server: RedisServer, stopped_server: RedisServer, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A result backend that does not answer leaves every state unknown, in one warning for all batches."""
+    monkeypatch.setattr(UniqueLocks, "BATCH", 5)
+    for backend in (None, stopped_server.url(1)):  # one app takes the locks, the other reads them
+        app = Celery("results_down", set_as_current=False)
+        app.conf.update(
+            broker_url=redis_server.url(0), unique_redis_url=redis_server.url(2),
+            broker_connection_retry_on_startup=False, result_backend=backend,
+        )
+        task = app.task(base=UniqueTask, name="tests.send_report", shared=False)(_report)
+        if backend is None:
+            for i in range(40):
+                task.apply_async((i,), unique=60)
+    with caplog.at_level(logging.WARNING, logger="celery_unique.admin"):
+        statuses = UniqueLocks(app).describe()
+    assert len(statuses) == 40
+    assert {s.state for s in statuses} == {None}
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["the result backend failed"]
+    assert "ConnectionError" in caplog.records[0].getMessage()
+
+
+def test_describe_of_a_lock_that_changed_hands(
+    celery_app: Celery, tasks: SimpleNamespace, locks: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock that changes hands between describe()'s two reads shows its new holder, running unknown."""
+    tasks.send_report.apply_async((1,), unique=60)
+    (key,) = (k.decode() for k in locks.keys("*"))
+    _hand_over_after_read(monkeypatch, locks, key)
+    (status,) = UniqueLocks(celery_app).describe()
+    assert (status.task_id, status.state, status.running, status.age) == ("newcomer", "PENDING", None, None)
+
+
+def test_lock_status_keeps_lock_info_fields_first() -> None:
+    """LockStatus starts with LockInfo's fields, in order, and its four new ones default to unknown."""
+    from celery_unique import LockInfo
+
+    assert LockStatus._fields[:5] == LockInfo._fields
+    status = LockStatus("k", "t", "q", "id", 1.0)
+    assert (status.issued_at, status.age, status.state, status.running) == (None, None, None, None)
+
+
 # -- Redis Cluster with a primary down ----------------------------------------
 
 
@@ -346,7 +529,7 @@ def test_cli_list_release_clear(redis_server: RedisServer, held: SimpleNamespace
     listing = celery_cli(redis_server, "list")
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.splitlines()[0] == f"Lock store: {redis_server.url(2)} (unique_redis_url)"
-    assert listing.stdout.splitlines()[1].split() == ["TASK", "QUEUE", "HOLDER", "TTL", "KEY"]
+    assert listing.stdout.splitlines()[1].split() == ["TASK", "QUEUE", "HOLDER", "AGE", "TTL", "STATE", "KEY"]
     assert held.a.id in listing.stdout
     assert "3 locks held." in listing.stdout
 
@@ -389,16 +572,22 @@ def test_cli_release_refuses_a_key_that_is_not_a_lock(redis_server: RedisServer,
 
 
 @pytest.mark.parametrize(
-    "args", [("list",), ("clear", "--yes"), ("clear",), ("release", "unique:celery:tests.send_report:abc")]
+    "args",
+    [
+        ("list",), ("list", "--json"), ("count",), ("count", "--json"), ("clear", "--yes"), ("clear",),
+        ("release", "unique:celery:tests.send_report:abc"),
+    ],
 )
 def test_cli_lock_store_down_is_one_line(
     redis_server: RedisServer, stopped_server: RedisServer, args: tuple[str, ...]
 ) -> None:
-    """With the lock store stopped, each subcommand prints one `Error:` line and exits 1."""
+    """With the lock store stopped, each subcommand prints one `Error:` line and exits 1, and no JSON."""
     result = celery_cli(redis_server, *args, lock_url=stopped_server.url(2))
     assert result.returncode == 1, result
     assert result.stderr.startswith("Error: the lock store did not answer"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if "--json" in args:
+        assert result.stdout == ""
 
 
 @pytest.mark.parametrize(
@@ -474,6 +663,159 @@ def test_cli_task_short_names(
     assert failing.id not in celery_cli(redis_server, "list").stdout
 
 
+def results_of(server: RedisServer) -> dict[str, Any]:
+    """The CLI app's settings for the suite's result backend."""
+    return {"result_backend": server.url(1)}
+
+
+def table_cells(listing: str) -> dict[str, list[str]]:
+    """Cut the table `unique list` printed into cells by its header's columns, rows keyed by holder.
+
+    Fails unless each column starts at the same place in every row, two spaces after the previous one.
+    """
+    lines = listing.splitlines()
+    header, rows = lines[1], lines[2:-1]
+    starts = [header.index(name) for name in ("QUEUE", "HOLDER", "AGE", "TTL", "STATE", "KEY")]
+    cells = {}
+    for row in rows:
+        assert all(row[start - 2:start] == "  " and row[start] != " " for start in starts), row
+        bounds = [0, *starts, len(row)]
+        cell = [row[a:b].strip() for a, b in itertools.pairwise(bounds)]
+        cells[cell[2]] = cell
+    return cells
+
+
+def test_cli_list_shows_age_ttl_and_state(
+    redis_server: RedisServer, celery_app: Celery, held: SimpleNamespace, locks: redis.Redis
+) -> None:
+    """`unique list` shows each lock's age, TTL and holder state in aligned columns, `-` where unknown."""
+    celery_app.backend.mark_as_done(held.a.id, "report")  # finished, its release missed
+    slow_key = next(k.decode() for k in locks.keys("*") if b"tests.slow" in k)
+    locks.set(running_marker_key(slow_key, held.c.id), "run|0|0|worker/1", px=60_000)
+    chosen = celery_app.tasks["tests.send_report"].apply_async((9,), unique=60, task_id="report-9")
+    listing = celery_cli(redis_server, "list", settings=results_of(redis_server))
+    assert listing.returncode == 0, listing.stderr
+    cells = table_cells(listing.stdout)
+    assert re.fullmatch(r"\d+s", cells[held.a.id][3])  # taken seconds ago
+    assert re.fullmatch(r"5\ds", cells[held.a.id][4])  # unique=60
+    assert cells[held.a.id][5] == "SUCCESS"
+    assert re.fullmatch(r"1m5\ds", cells[held.b.id][4])  # unique=120
+    assert cells[held.b.id][5] == "PENDING"
+    assert cells[held.c.id][1:6:4] == ["odd: queue ü", "PENDING, running"]
+    assert cells[chosen.id][3:6:2] == ["-", "PENDING"]  # a caller's id tells no age
+    assert listing.stdout.splitlines()[-1] == "4 locks held."
+
+    unknown = celery_cli(redis_server, "list")  # no result backend: states unknown
+    states = {holder: cell[5] for holder, cell in table_cells(unknown.stdout).items()}
+    assert states == {held.a.id: "-", held.b.id: "-", held.c.id: "running", chosen.id: "-"}
+
+
+def test_cli_list_json(
+    redis_server: RedisServer, celery_app: Celery, held: SimpleNamespace, locks: redis.Redis
+) -> None:
+    """`unique list --json` prints one JSON document with every field of the table, as raw numbers."""
+    celery_app.backend.mark_as_done(held.a.id, "report")
+    chosen = celery_app.tasks["tests.send_report"].apply_async((9,), unique=60, task_id="report-9")
+    result = celery_cli(
+        redis_server, "list", "--json", "--task", "tests.send_report", "--queue", "celery",
+        settings=results_of(redis_server),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    document = json.loads(result.stdout)
+    assert list(document) == ["lock_store", "filter", "count", "locks"]
+    assert document["lock_store"] == f"{redis_server.url(2)} (unique_redis_url)"
+    assert document["filter"] == {"task_name": "tests.send_report", "queue": "celery"}
+    assert document["count"] == 2
+    by_id = {lock["task_id"]: lock for lock in document["locks"]}
+    made, unknown = by_id[held.a.id], by_id[chosen.id]
+    assert list(made) == [
+        "key", "task_name", "queue", "task_id", "ttl", "issued_at", "age", "state", "running"
+    ]
+    key = next(k.decode() for k in locks.keys("*") if locks.get(k) == held.a.id.encode())
+    assert (made["key"], made["task_name"], made["queue"]) == (key, "tests.send_report", "celery")
+    assert isinstance(made["ttl"], float)
+    assert 0 < made["ttl"] <= 60
+    assert isinstance(made["age"], float)
+    assert made["age"] >= 0
+    issued = datetime.fromisoformat(made["issued_at"])
+    assert issued == issued_at(held.a.id)
+    assert (made["state"], made["running"]) == ("SUCCESS", False)
+    assert (unknown["issued_at"], unknown["age"], unknown["state"]) == (None, None, "PENDING")
+
+    empty = json.loads(celery_cli(redis_server, "list", "--json", "--queue", "none").stdout)
+    assert (empty["count"], empty["locks"]) == (0, [])
+
+
+def test_cli_list_with_the_result_backend_down(
+    redis_server: RedisServer, stopped_server: RedisServer, held: SimpleNamespace
+) -> None:
+    """With the result backend down, `unique list` still lists, states `-`, and warns once on stderr."""
+    for args in (("list",), ("list", "--json")):
+        result = celery_cli(redis_server, *args, settings={"result_backend": stopped_server.url(1)})
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.startswith("Warning: the result backend failed (ConnectionError"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert {lock["state"] for lock in json.loads(result.stdout)["locks"]} == {None}
+
+
+def test_cli_count(redis_server: RedisServer, held: SimpleNamespace, locks: redis.Redis) -> None:
+    """`unique count` counts the locks, filtered, as text or JSON, and leaves running markers out."""
+    slow_key = next(k.decode() for k in locks.keys("*") if b"tests.slow" in k)
+    locks.set(running_marker_key(slow_key, held.c.id), "run|0|0|worker/1", px=60_000)
+    every = celery_cli(redis_server, "count")
+    assert every.returncode == 0, every.stderr
+    store = f"Lock store: {redis_server.url(2)} (unique_redis_url)"
+    assert every.stdout.splitlines() == [store, "3 locks held."]
+    one = celery_cli(redis_server, "count", "--task", "send_report", "--queue", "reports")
+    assert one.returncode == 2  # send_report is ambiguous in the CLI's app
+    one = celery_cli(redis_server, "count", "--task", "tests.send_report", "--queue", "reports")
+    assert one.stdout.splitlines()[-1] == "1 lock held (task tests.send_report, queue reports)."
+    counted = celery_cli(redis_server, "count", "--json", "--task", "slow")
+    assert json.loads(counted.stdout) == {
+        "lock_store": f"{redis_server.url(2)} (unique_redis_url)",
+        "filter": {"task_name": "tests.slow", "queue": None},
+        "count": 1,
+    }
+
+
+def test_cli_reap_and_purge_json(
+    redis_server: RedisServer, celery_app: Celery, held: SimpleNamespace, locks: redis.Redis
+) -> None:
+    """`unique reap --json` and `unique purge --json` print what they released; purge asks on stderr."""
+    celery_app.backend.mark_as_done(held.a.id, "report")
+    reaped = celery_cli(redis_server, "reap", "--json", settings=results_of(redis_server))
+    assert reaped.returncode == 0, reaped.stderr
+    assert json.loads(reaped.stdout) == {
+        "lock_store": f"{redis_server.url(2)} (unique_redis_url)",
+        "filter": {"task_name": None, "queue": None},
+        "released": 1,
+    }
+    assert locks.dbsize() == 2
+
+    declined = celery_cli(redis_server, "purge", "--json", "-Q", "reports", stdin="n\n")
+    assert declined.returncode == 1
+    assert declined.stdout == ""
+    assert "Delete every message of 1 queue (reports)" in declined.stderr
+    purged = celery_cli(redis_server, "purge", "--json", "-Q", "reports", stdin="y\n")
+    assert purged.returncode == 0, purged.stderr
+    assert json.loads(purged.stdout) == {
+        "lock_store": f"{redis_server.url(2)} (unique_redis_url)",
+        "queues": ["reports"], "messages": 1, "released": 1,
+    }
+    assert locks.dbsize() == 1
+    nothing = celery_cli(redis_server, "purge", "--json", "-f", "-Q", "reports", "-X", "reports")
+    assert json.loads(nothing.stdout)["queues"] == []
+
+
+def test_duration() -> None:
+    """Ages and TTLs are spelt in their two largest units, rounded down; unknown is `-`."""
+    seconds = (None, 0, 59.9, 60, 307, 3599.99, 3600, 10_920, 86_399, 86_400, 187_200)
+    assert [_duration(s) for s in seconds] == [
+        "-", "0s", "59s", "1m00s", "5m07s", "59m59s", "1h00m", "3h02m", "23h59m", "1d00h", "2d04h"
+    ]
+
+
 # -- the benchmark ---------------------------------------------------------------
 
 
@@ -487,7 +829,10 @@ def test_admin_benchmark_quick_run(redis_server: RedisServer) -> None:
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 0, result.stderr
-    figures = ("UniqueLocks.list", "UniqueLocks.clear", "celery unique list", "celery unique clear --yes")
+    figures = (
+        "UniqueLocks.list", "UniqueLocks.describe", "UniqueLocks.clear",
+        "celery unique list", "celery unique list --json", "celery unique clear --yes",
+    )
     for figure in figures:
         assert f"{figure}:" in result.stdout, result.stdout
     assert client.dbsize() == 0

@@ -101,3 +101,14 @@ def test_latency_mode_reports_the_proxy_and_the_checked_duplicate(redis_server: 
     assert re.search(r"^ratio duplicate\+check: \d+\.\d\d", output, re.MULTILINE), output
     assert re.search(r"^ratio unique: \d+\.\d\d \(target >= 0\.85", output, re.MULTILINE), output
     assert sorted(client.scan_iter(count=1000)) == []
+
+
+def test_option_checks_benchmark_runs() -> None:
+    """``python -m benchmarks.options --quick`` exits 0 and prints a figure for each check."""
+    process = subprocess.run(
+        [sys.executable, "-m", "benchmarks.options", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert process.returncode == 0, process.stderr
+    for check in ("check_option_names, no options", "unlock_if_disabled, locking off"):
+        assert re.search(rf"^{check} +\d+ ns$", process.stdout, re.MULTILINE), process.stdout

@@ -49,15 +49,16 @@ def test_chain_links_take_their_locks(
     wait_until(lambda: locks.dbsize() == 0, what="both links released")
 
 
-def test_chain_duplicate_link_fails_the_parent(
+def test_chain_duplicate_link_fails_the_link_not_the_parent(
     canvas: SimpleNamespace, worker: Any, locks: redis.Redis
 ) -> None:
-    """A later link that is a duplicate raises in the parent's worker, which then fails."""
+    """A later link that is a duplicate fails itself and the chain; the parent keeps its SUCCESS."""
     holder = canvas.double.apply_async((2,), unique=60, countdown=30)  # holds double(2)
     result = chain(canvas.double.s(1).set(unique=60), canvas.double.s().set(unique=60)).apply_async()
     with pytest.raises(DuplicateTaskError) as info:
-        result.parent.get(timeout=10)
+        result.get(timeout=10)
     assert info.value.task_id == holder.id
+    assert result.parent.get(timeout=10) == 2
     holder.revoke()
 
 

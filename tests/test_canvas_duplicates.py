@@ -59,8 +59,8 @@ def test_chain_link_with_existing_fails_the_chain_promptly(life: Lifecycle, tmp_
         holder.revoke()
 
 
-def test_chain_link_with_raise_fails_the_parent_and_the_chain(life: Lifecycle, tmp_path: Path) -> None:
-    """With "raise", Celery records the failed hand-over as the parent's failure; the chain fails at once."""
+def test_chain_link_with_raise_fails_the_chain_not_the_parent(life: Lifecycle, tmp_path: Path) -> None:
+    """With "raise" too, a refused link fails the chain at once; the parent keeps its SUCCESS and result."""
     app = life.app()
     double = app.tasks["life.double"]
     with life.worker(tmp_path / "worker.log"):
@@ -70,9 +70,9 @@ def test_chain_link_with_raise_fails_the_parent_and_the_chain(life: Lifecycle, t
             result.get(timeout=TIMEOUT)
         assert info.value.task_id == holder.id
         parent = result.parent.parent
-        with pytest.raises(DuplicateTaskError):
-            parent.get(timeout=TIMEOUT)
-        assert stored(app, parent.id) == states.FAILURE
+        assert parent.get(timeout=TIMEOUT) == 2
+        assert stored(app, parent.id) == states.SUCCESS
+        assert stored(app, result.parent.id) == states.FAILURE
         holder.revoke()
 
 
@@ -242,8 +242,8 @@ def test_first_chain_step_with_existing_fails_the_chain(life: Lifecycle, tmp_pat
     holder.revoke()
 
 
-def test_link_with_raise_fails_the_parent_and_tells_the_errback(life: Lifecycle, tmp_path: Path) -> None:
-    """A duplicate link callback with "raise" fails its parent; the callback's errback hears of it."""
+def test_link_with_raise_tells_the_errback_and_keeps_the_parent(life: Lifecycle, tmp_path: Path) -> None:
+    """A duplicate link callback with "raise" leaves its parent SUCCESS; its errback hears of it."""
     app = life.app()
     double = app.tasks["life.double"]
     scratch = life.scratch_client()
@@ -252,7 +252,7 @@ def test_link_with_raise_fails_the_parent_and_tells_the_errback(life: Lifecycle,
         callback = double.s().set(unique=60)
         callback.link_error(app.tasks["life.errback"].s(token="raised"))
         result = double.apply_async((1,), link=callback)
-        with pytest.raises(DuplicateTaskError):
-            result.get(timeout=TIMEOUT)
+        assert result.get(timeout=TIMEOUT) == 2
         wait_until(lambda: scratch.lrange("errback:raised", 0, -1), what="errback called")
+        assert stored(app, result.id) == states.SUCCESS
         holder.revoke()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,3 +82,28 @@ def test_worker_releases_on_the_cluster(cluster_app: Celery, cluster: LocalClust
 
         wait_until(lambda: held() == 0, what="all cluster locks released")
         assert task.apply_async((3,), unique=60).get(timeout=10) == 3
+
+
+def test_describe_reads_markers_on_the_cluster(cluster_app: Celery, cluster: LocalCluster) -> None:
+    """describe() reads holders, markers and states on every primary, one script call per hash slot."""
+    opened = threading.Event()
+
+    @cluster_app.task(base=UniqueTask, name="tests.cluster_gated", shared=False)
+    def gated(user_id: int) -> int:
+        opened.wait(30)
+        return user_id
+
+    task: Any = cluster_app.tasks["tests.cluster_report"]
+    queued = {task.apply_async((i,), unique=60, queue="nobody").id for i in range(30)}
+    admin = UniqueLocks(cluster_app)
+    with start_worker(cluster_app, pool="solo", perform_ping_check=False):
+        try:
+            running = gated.apply_async((1,), unique=60)
+            wait_until(lambda: any(s.running for s in admin.describe()), what="the gated task to run")
+            statuses = {s.task_id: s for s in admin.describe()}
+        finally:
+            opened.set()
+    assert set(statuses) == {*queued, running.id}
+    assert {(s.state, s.running) for i, s in statuses.items() if i in queued} == {("PENDING", False)}
+    assert statuses[running.id].running is True
+    assert all(s.age is not None for s in statuses.values())

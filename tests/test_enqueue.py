@@ -19,7 +19,7 @@ def queued(broker: redis.Redis, queue: str = "celery") -> int:
 
 
 def test_quick_start(tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis) -> None:
-    """The README example: a second identical enqueue names the holder and publishes nothing."""
+    """The quick start: a second identical enqueue names the holder and publishes nothing."""
     r = tasks.send_report.apply_async((42,), unique=3600)
     with pytest.raises(DuplicateTaskError) as info:
         tasks.send_report.apply_async((42,), unique=3600)
@@ -231,20 +231,22 @@ def test_lock_store_is_one_client_per_app(celery_app: Celery, tasks: SimpleNames
     )
 
 
-def test_retry_message_is_published_unchecked(
+def test_retries_option_from_outside_the_run_is_checked(
     tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
 ) -> None:
-    """A retry (retries > 0) is never checked: it is published even if another id holds the lock."""
-    tasks.send_report.apply_async((42,), unique=60, task_id="newcomer")
-    retried = tasks.send_report.apply_async((42,), unique=60, task_id="original", retries=1)
-    assert retried.id == "original"
-    assert queued(broker) == 2
-    (key,) = locks.keys("*")
-    assert locks.get(key) == b"newcomer"
+    """Passing retries= from outside the task's run continues no lock: the holder's own id is refused."""
+    held = tasks.send_report.apply_async((42,), unique=60)
+    for task_id in (held.id, "another"):
+        with pytest.raises(DuplicateTaskError) as info:
+            tasks.send_report.apply_async((42,), unique=60, task_id=task_id, retries=1)
+        assert info.value.task_id == held.id
+    assert queued(broker) == 1
+    (key,) = locks.keys("unique:*:*:*")
+    assert locks.get(key) == held.id.encode()
 
 
-def test_generated_task_ids_are_uuid4_strings() -> None:
-    """Ids made before locking are distinct version-4 UUIDs in Celery's spelling."""
+def test_generated_task_ids_are_uuid7_strings() -> None:
+    """Ids made before locking are distinct version-7 UUIDs in Celery's lower-case spelling."""
     import uuid
 
     from celery_unique.ids import new_task_id
@@ -253,7 +255,24 @@ def test_generated_task_ids_are_uuid4_strings() -> None:
     assert len(set(ids)) == len(ids)
     for text in ids:
         parsed = uuid.UUID(text)
-        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, text)
+
+
+def test_generated_task_ids_carry_the_time_they_were_made() -> None:
+    """An id's first 48 bits are the Unix time in ms at which it was made, so ids sort by it."""
+    import time
+
+    from celery_unique.ids import new_task_id
+
+    before = time.time_ns() // 1_000_000
+    first = new_task_id()
+    while time.time_ns() // 1_000_000 == before:  # the next millisecond
+        pass
+    second = new_task_id()
+    after = time.time_ns() // 1_000_000
+    stamps = [int(text.replace("-", "")[:12], 16) for text in (first, second)]
+    assert before <= stamps[0] < stamps[1] <= after
+    assert first < second
 
 
 def test_before_task_publish_never_hears_of_a_refused_call(

@@ -1,4 +1,4 @@
-"""A holder that has finished never blocks the call; a revoked one frees it within a second.
+"""A holder that has finished never blocks the call; a revoked one frees it once discarded.
 
 Real prefork workers; a foreign worker that never imports celery_unique; a
 lock store paused as the task ends; revokes of queued and scheduled tasks.
@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import celery
 import pytest
 import redis
 
@@ -22,9 +21,6 @@ from tests.lifecycle_support import SCRATCH_DB, Lifecycle, events
 
 pytestmark = pytest.mark.slow
 
-# Celery 5.7 stores REVOKED when a worker hears of a revoke of a task it does
-# not hold; earlier versions only when the worker discards the message.
-REVOKE_STORES_STATE = tuple(int(p) for p in celery.__version__.split(".")[:2]) >= (5, 7)
 
 
 def accepted_within(call: Any, seconds: float) -> bool:
@@ -142,19 +138,29 @@ def test_revoked_scheduled_task_frees_the_call_within_a_second(
         assert accepted_within(lambda: work.apply_async(("later",), unique=600, countdown=60), 1.5)
 
 
-@pytest.mark.skipif(not REVOKE_STORES_STATE, reason="needs Celery 5.7+, which stores REVOKED at revoke")
-def test_revoked_task_still_in_the_broker_frees_the_call(
+def test_revoked_task_still_in_the_broker_frees_the_call_when_discarded(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """A revoked task still queued in the broker (the worker is busy) frees the call within a second."""
+    """A revoked task still queued in the broker keeps the call's lock until a worker discards it, unrun.
+
+    The REVOKED a worker stores for a task it does not hold frees nothing:
+    another worker may be running that task. The worker that takes the
+    message discards it and frees the call.
+    """
     life = Lifecycle.on(redis_server)
-    app = life.app()
+    app, scratch = life.app(), life.scratch_client()
     work = app.tasks["life.work"]
     with life.worker(tmp_path / "worker.log"):
-        work.apply_async(("busy",), {"seconds": 6})
+        work.apply_async(("busy",), {"seconds": 3})
         work.apply_async(("reserved",), {"seconds": 1})
         queued = work.apply_async(("queued",), unique=600)
         time.sleep(0.5)
         assert queued.id not in (tmp_path / "worker.log").read_text()  # still in the broker
         app.control.revoke(queued.id)
-        assert accepted_within(lambda: work.apply_async(("queued",), unique=600), 1.5)
+        time.sleep(1)
+        with pytest.raises(DuplicateTaskError):
+            work.apply_async(("queued",), unique=600)
+        assert accepted_within(lambda: work.apply_async(("queued",), unique=600), 10)
+        wait_until(lambda: events(scratch, "queued") == ["start", "end"], what="the new call runs")
+        time.sleep(0.5)
+    assert events(scratch, "queued") == ["start", "end"]  # the revoked one never ran

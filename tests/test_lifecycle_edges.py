@@ -1,7 +1,7 @@
 """Where a lock's life meets Celery's edges: reused ids, replace in canvases, retries, time limits, pools.
 
 Real ``celery worker`` subprocesses (``tests/lifecycle_app.py``), as in
-``tests/test_lifecycle.py``. Each test says when the README promises the
+``tests/test_lifecycle.py``. Each test says when docs/semantics.md promises the
 lock goes, and checks that it goes then: not while the task can still run,
 and not only when its TTL runs out.
 """
@@ -12,16 +12,25 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 from celery import chain, chord, states
 
 from celery_unique import DuplicateTaskError, send_unique
+from celery_unique.lock import running_marker_key
 from celery_unique.testing import RedisServer
-from tests.conftest import wait_until
-from tests.lifecycle_support import REDELIVER, Lifecycle, events, lock_of, pids, stored, wait_event
+from tests.conftest import BROKER_DB, wait_until
+from tests.lifecycle_support import (
+    REDELIVER,
+    Lifecycle,
+    events,
+    lock_of,
+    pids,
+    redeliver_copy,
+    stored,
+    wait_event,
+)
 from tests.versions import CELERY_57, QUICK_REDELIVERY, needs_celery_57, needs_quick_redelivery
 
 pytestmark = pytest.mark.slow
@@ -70,10 +79,11 @@ def test_replace_inside_a_chain_releases_when_the_replacement_ends(
 def test_revoked_task_the_pool_will_still_run_keeps_its_lock(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path, pool: str
 ) -> None:
-    """A revoke (no terminate) never frees the lock of a task the worker will still run.
+    """A revoke (no terminate) of a task queued behind a busy one: it never runs, and its lock goes.
 
-    A prefork worker holds a task queued behind a busy process back and
-    discards it when revoked; a threads pool has already taken it, and runs it.
+    A prefork worker holds it back and discards it; a threads pool has
+    already taken it, and its run drops it as it begins. The lock is never
+    freed while the task could still run.
     """
     life = Lifecycle.on(redis_server, unique_check_holder=False)
     app, scratch = life.app(), life.scratch_client()
@@ -92,7 +102,8 @@ def test_revoked_task_the_pool_will_still_run_keeps_its_lock(
         time.sleep(2)
         ran = "start" in events(scratch, "buffered")
         assert held or not ran, "the lock went while the revoked task was still going to run"
-        assert ran == (pool == "threads")
+        assert not ran
+        wait_until(lambda: not locks.exists(key), what="released")
 
 
 def test_retry_picked_up_at_once_is_not_held_back(
@@ -147,9 +158,9 @@ def test_hard_time_limit_is_a_final_failure(
         else:
             time.sleep(1)
             assert locks.get(key) == result.id.encode()
-        marker = locks.get(f"{{{key}}}:run:{result.id}")
+        marker = locks.get(running_marker_key(key, result.id))
         assert marker is not None
-        assert marker.startswith(b"done|"), marker
+        assert marker.startswith(b"d|"), marker
     assert events(scratch, token) == ["start"]
 
 
@@ -248,7 +259,7 @@ def test_chain_member_that_retries_keeps_its_lock_then_the_chain_goes_on(
         steps = [flaky.si("chained", failures=2).set(unique=60), double.s().set(unique=60)]
         result = chain(*steps).apply_async()
         assert result.get(timeout=20) == 4
-        assert not [k for k in locks.keys("unique:*") if b":run:" not in k]
+        wait_until(lambda: not [k for k in locks.keys("unique:*") if b":run:" not in k], what="all released")
 
 
 def test_replace_with_a_group_releases_when_the_group_is_done(
@@ -304,24 +315,25 @@ def test_sigusr1_survivor_that_retries_is_dropped_and_releases(
 def test_markers_are_renewed_and_the_lock_released_in_other_pools(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path, pool: str
 ) -> None:
-    """Solo and threads pools renew the running marker past its TTL while the task runs, then release."""
-    life = Lifecycle.on(redis_server, unique_running_ttl=1)
+    """Solo and threads pools mark a late-acknowledged run in time, renew its marker, then release."""
+    life = Lifecycle.on(redis_server, **REDELIVER)
     app, scratch = life.app(), life.scratch_client()
     with life.worker(tmp_path / "worker.log", concurrency=2, extra=(f"--pool={pool}",)):
         result = app.tasks["life.work"].apply_async((pool,), {"seconds": 4}, unique=60)
         key = lock_of(app, "life.work", (pool,), {"seconds": 4})
-        marker = f"{{{key}}}:run:{result.id}"
+        marker = running_marker_key(key, result.id)
         wait_event(scratch, pool, "start")
-        for _ in range(6):
+        time.sleep(1)  # marked half a second after the message came (a quarter of visibility_timeout)
+        for _ in range(5):
             value = locks.get(marker)
             if "end" in events(scratch, pool):
                 break
             assert value is not None
-            assert value.startswith(b"run|"), value
+            assert value.startswith(b"r|"), value
             time.sleep(0.5)
         assert result.get(timeout=20) == pool
         wait_until(lambda: not locks.exists(key), what="released")
-        assert (locks.get(marker) or b"").startswith(b"done|")
+        assert (locks.get(marker) or b"").startswith(b"d|")
 
 
 def test_expired_task_releases_when_discarded(
@@ -441,26 +453,19 @@ def test_forwarded_release_mode_does_not_change_when_the_lock_goes(
         wait_until(lambda: not locks.exists(key), what="released on success")
 
 
-def _publish_copy(app: Any, name: str, task_id: str, key: str, args: tuple[Any, ...]) -> None:
-    """Publish a copy of a task's first attempt, as a broker redelivers it: same id, same lock header."""
-    from celery import Task
-
-    Task.apply_async(app.tasks[name], args, task_id=task_id, headers={"celery_unique_lock": key})
-
-
 def test_copy_of_an_attempt_that_retried_is_dropped(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
 ) -> None:
-    """A copy of an attempt that ended in a retry is dropped while the retry waits; the retry runs once."""
+    """A redelivered copy of an attempt that ended in a retry is dropped while the retry waits."""
     life = Lifecycle.on(redis_server)
     app, scratch = life.app(), life.scratch_client()
     log = tmp_path / "worker.log"
     with life.worker(log):
         result = app.tasks["life.slow_retry"].apply_async(("retried",), unique=60)
         key = lock_of(app, "life.slow_retry", ("retried",))
-        wait_until(lambda: (locks.get(f"{{{key}}}:run:{result.id}") or b"").startswith(b"done|0|0"),
-                   what="the first attempt ended in a retry")
-        _publish_copy(app, "life.slow_retry", result.id, key, ("retried",))
+        marker = running_marker_key(key, result.id)
+        wait_until(lambda: (locks.get(marker) or b"").startswith(b"q|0|1|"), what="the retry queued")
+        redeliver_copy(redis_server.client(BROKER_DB), app, "life.slow_retry", result.id, key, ("retried",))
         wait_until(lambda: "has already run" in log.read_text(), what="the copy dropped")
         assert result.get(timeout=20) == 1
         wait_until(lambda: not locks.exists(key), what="released")
@@ -543,10 +548,13 @@ def test_revoked_task_a_threads_pool_took_never_runs_beside_the_new_call(
         wait_until(lambda: queued.id in log.read_text(), what="received")
         app.control.revoke(queued.id)
         wait_until(lambda: stored(app, queued.id) == states.REVOKED, what="REVOKED stored")
-        # The holder check takes the lock over, and marks the revoked task so.
+        # REVOKED alone frees nothing (another worker may run a revoked task);
+        # the thread that takes the task drops it and frees its lock.
+        with pytest.raises(DuplicateTaskError):
+            work.apply_async(("taken",), unique=60)
+        wait_until(lambda: "revoked or purged" in log.read_text(), what="the revoked task dropped")
         fresh = work.apply_async(("taken",), unique=60)
         assert fresh.get(timeout=20) == "taken"
-        wait_until(lambda: "it was revoked" in log.read_text(), what="the revoked task dropped")
     assert events(scratch, "taken") == ["start", "end"]
 
 
@@ -583,7 +591,7 @@ def test_no_run_is_left_behind_in_the_worker(
                 continue
             wait_until(lambda r=result: stored(app, r.id) in states.READY_STATES, what=f"{result.id} ends")
         time.sleep(1)
-        assert t["life.run_state"].delay().get(timeout=20) == {"plain_runs": 0, "renewed": 0}
+        assert t["life.run_state"].delay().get(timeout=20) == {"renewed": 0}
 
 
 def test_task_that_exits_leaves_no_marker_to_renew(
@@ -598,10 +606,10 @@ def test_task_that_exits_leaves_no_marker_to_renew(
     app, scratch = life.app(), life.scratch_client()
     with life.worker(tmp_path / "worker.log", extra=("--pool=threads",)):
         result = app.tasks["life.exits"].apply_async(("exits",), unique=60)
-        marker = f"{{{lock_of(app, 'life.exits', ('exits',))}}}:run:{result.id}"
+        marker = running_marker_key(lock_of(app, "life.exits", ("exits",)), result.id)
         wait_event(scratch, "exits", "start")
-        wait_until(lambda: not (locks.get(marker) or b"").startswith(b"run|"), what="the marker expires")
-        assert app.tasks["life.run_state"].delay().get(timeout=20) == {"plain_runs": 0, "renewed": 0}
+        wait_until(lambda: not (locks.get(marker) or b"").startswith(b"r|"), what="the marker expires")
+        assert app.tasks["life.run_state"].delay().get(timeout=20) == {"renewed": 0}
 
 
 def test_retry_taken_by_another_process_before_the_attempt_ended_is_not_held_back(

@@ -27,8 +27,8 @@ from kombu.exceptions import OperationalError
 
 from celery_unique import LOCK_HEADER, DuplicateTaskError, LockStoreError, UniqueTask
 from celery_unique.config import lock_store
+from celery_unique.headers import UNTIL_HEADER
 from celery_unique.keys import parse_key
-from celery_unique.signals import UNTIL_HEADER
 from celery_unique.testing import RedisServer
 from tests.conftest import BROKER_DB, LOCK_DB, wait_until
 from tests.reliability_support import (

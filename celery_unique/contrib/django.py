@@ -35,6 +35,7 @@ except ImportError as exc:  # Celery 5.3: no DjangoTask, no delay_on_commit to k
     ) from exc
 from django.db import transaction  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
+from ..option_names import check_option_names
 from ..task import UniqueTask
 
 __all__ = ["UniqueDjangoTask"]
@@ -54,8 +55,10 @@ class UniqueDjangoTask(UniqueTask, DjangoTask):  # type: ignore[misc]
         """Call ``apply_async(*args, **options)`` when the current transaction commits.
 
         A duplicate refused then is logged, not raised, unless ``on_duplicate``
-        is given.
+        is given. A misspelt option (``uniqe=``) raises here, at the call, not
+        at commit.
         """
+        check_option_names(self.name, options)
         transaction.on_commit(functools.partial(self._apply_at_commit, *args, **options))
 
     def _apply_at_commit(self, *args: Any, **options: Any) -> None:

@@ -86,6 +86,6 @@ def test_skipped_tick_still_counts_a_run(broker: redis.Redis, caplog: pytest.Log
     refusals = [r for r in caplog.records if r.name.startswith("celery_unique") and held.id in r.getMessage()]
     assert refusals, caplog.text
     assert all(r.levelno == logging.INFO for r in refusals)
-    # The line the README shows for a skipped tick.
+    # The line docs/django.md shows for a skipped tick.
     assert "refused duplicate of reports.tasks.build_report" in refusals[0].getMessage()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

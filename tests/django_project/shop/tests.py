@@ -133,3 +133,16 @@ def test_outside_a_transaction_it_runs_at_once(locks: redis.Redis, broker: redis
     assert locks.dbsize() == 1
     send_receipt.delay_on_commit(9)
     assert broker.llen("celery") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_misspelt_option_is_refused_at_the_call(locks: redis.Redis, broker: redis.Redis) -> None:
+    """apply_async_on_commit refuses a misspelt option at the call: no callback, no lock, no message."""
+    after: list[str] = []
+    with transaction.atomic():
+        with pytest.raises(TypeError, match=r"shop\.tasks\.send_receipt: unknown option 'uniqe'"):
+            send_receipt.apply_async_on_commit((7,), uniqe=60)
+        transaction.on_commit(lambda: after.append("ran"))
+    assert after == ["ran"]  # the commit ran: the refused call left no callback to fail in it
+    assert locks.dbsize() == 0
+    assert broker.llen("celery") == 0

@@ -1,0 +1,79 @@
+"""What a message carries for its lock: the package's own headers, read back on the worker.
+
+==========================  ===============================================
+header                      value
+==========================  ===============================================
+``celery_unique_lock``      the lock key (every locked message)
+``celery_unique_until``     when to release, if not on success
+``celery_unique_nonce``     the incarnation of a caller-chosen task id
+``celery_unique_replaces``  on a replacement: the task id it continues
+``celery_unique_held``      on a copy held back while another copy ran
+==========================  ===============================================
+
+A worker stamps ``celery_unique_received`` (when it received the message)
+on the request it hands to its pool, so a run can tell whether the broker
+may have delivered a copy of its message meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+__all__ = [
+    "HELD_HEADER",
+    "LOCK_HEADER",
+    "NONCE_HEADER",
+    "OWN_HEADERS",
+    "RECEIVED_KEY",
+    "REPLACES_HEADER",
+    "UNTIL_HEADER",
+    "Carried",
+    "carried_by",
+    "headers_of",
+]
+
+#: The message header that carries a task's lock key to the worker.
+LOCK_HEADER = "celery_unique_lock"
+#: The message header that says when to release, if not on success.
+UNTIL_HEADER = "celery_unique_until"
+#: The incarnation of a caller-chosen task id (see :class:`celery_unique.lock.Attempt`).
+NONCE_HEADER = "celery_unique_nonce"
+#: Set on a replacement's message: the task id whose lock it continues.
+REPLACES_HEADER = "celery_unique_replaces"
+#: Set on a copy published again because another copy of its attempt ran.
+HELD_HEADER = "celery_unique_held"
+#: The worker's stamp: when it received the message (seconds since the epoch).
+RECEIVED_KEY = "celery_unique_received"
+
+#: The package's own headers: never taken from a caller's headers, which are
+#: often forwarded from another task's request.
+OWN_HEADERS = (LOCK_HEADER, UNTIL_HEADER, NONCE_HEADER, REPLACES_HEADER, HELD_HEADER, RECEIVED_KEY)
+
+_UNTIL = ("success", "finish", "start")
+
+
+class Carried(NamedTuple):
+    """The lock a message carries, as its headers say."""
+
+    key: str
+    until: str
+    nonce: str
+
+
+def headers_of(request: Any) -> Mapping[str, Any] | None:
+    """The custom headers of a request (Celery's ``Context``), if they are a mapping."""
+    headers = getattr(request, "headers", None)
+    return headers if isinstance(headers, Mapping) else None
+
+
+def carried_by(headers: Mapping[str, Any] | None) -> Carried | None:
+    """Return the lock that message headers carry, or None."""
+    if not headers:
+        return None
+    key = headers.get(LOCK_HEADER)
+    if not isinstance(key, str):
+        return None
+    until = headers.get(UNTIL_HEADER)
+    nonce = headers.get(NONCE_HEADER)
+    return Carried(key, until if until in _UNTIL else "success", nonce if isinstance(nonce, str) else "")
