@@ -14,7 +14,7 @@ from celery.beat import ScheduleEntry, Scheduler
 
 from celery_unique import DuplicateTaskError, UniqueTask, send_unique
 from celery_unique.compat import BEAT_HEADER
-from celery_unique.execution import UNTIL_HEADER
+from celery_unique.headers import UNTIL_HEADER
 from tests.conftest import wait_until
 from tests.versions import CELERY_57
 
