@@ -64,6 +64,7 @@ crawl.delay("https://example.com/a")
 
 sig: UniqueSignature = send_report.s(42).set(unique=60, unique_until="start")
 sig.apply_async(on_duplicate="existing")
+send_report.apply_async((42,), unique=60, unique_on={"user_id"})
 send_report.signature((42,), {"period": "weekly"}, unique=60).delay()
 send_receipt.delay_on_commit(7)
 send_receipt.apply_async_on_commit((7,), on_duplicate="raise")
@@ -77,6 +78,7 @@ send_report.apply_async((42,), unique="60")  # error: all ["unique"]
 send_report.apply_async((42,), unique_until="finsh")  # error: all [finsh]
 send_report.s(42).set(on_duplicate="skip")  # error: all [skip]
 send_report.signature((42,), unique_on=42)  # error: all ["unique_on"]
+send_report.apply_async((42,), unique_on={"user_id": 1}.keys())  # error: all ["unique_on"]
 
 
 @unique_task(app, unique_until="finsh")  # error: pyright-stubs, pyright-nostubs [finsh]; mypy-stubs, mypy-nostubs
