@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery, chain  # error: pyright-nostubs
 from celery.result import AsyncResult  # error: pyright-nostubs
 
-from celery_unique import DuplicateTaskError, LockInfo, UniqueLocks, UniqueTask, send_unique
+from celery_unique import DuplicateTaskError, LockInfo, LockStatus, UniqueLocks, UniqueTask, send_unique
 
 app = Celery("proj", broker="redis://localhost:6379/0")
 app.conf.unique_redis_url = "redis://localhost:6379/1"  # error: pyright-nostubs
@@ -61,6 +61,8 @@ send_unique(app, "billing.charge", (7,), {"cents": 100}, unique=600, queue="bill
 send_unique(app, "billing.charge", (7,), unique=600, unique_until="finish", on_duplicate="existing")
 locks = UniqueLocks(app)
 listed: list[LockInfo] = locks.list(task_name=None, queue=None)
+described: list[LockStatus] = locks.describe(task_name="proj.send_report")
+how_many: int = locks.count(queue="celery")
 held: str | None = locks.is_locked(send_report, (42,))  # error: pyright-nostubs
 released: bool = locks.release("unique:celery:proj.send_report:digest")
 cleared: int = locks.clear(task_name="proj.send_report")
