@@ -12,7 +12,7 @@ import redis
 from celery import Celery, chain, chord, group
 from celery.beat import ScheduleEntry, Scheduler
 
-from celery_unique import DuplicateTaskError, UniqueTask, send_unique
+from celery_unique import DuplicateTaskError, UniqueSignature, UniqueTask, send_unique
 from celery_unique.compat import BEAT_HEADER
 from celery_unique.headers import UNTIL_HEADER
 from tests.conftest import wait_until
@@ -182,3 +182,14 @@ def test_send_unique_passes_on_each_unique_option(
         send_unique(celery_app, "tests.send_report", (1,), {"period": "b"}, unique=60, unique_on=["user_id"])
     send_unique(celery_app, "tests.send_report", (1,), {"period": "b"}, unique=60)  # all arguments
     assert broker.llen("celery") == 2
+
+
+def test_unique_signature_by_name_locks(
+    celery_app: Celery, tasks: SimpleNamespace, broker: redis.Redis
+) -> None:
+    """A UniqueSignature made from a task's name is Celery's signature: its .set(unique=) takes the lock."""
+    first = UniqueSignature("tests.send_report", (3,), app=celery_app).set(unique=60).apply_async()
+    with pytest.raises(DuplicateTaskError) as info:
+        tasks.send_report.apply_async((3,), unique=60)
+    assert info.value.task_id == first.id
+    assert broker.llen("celery") == 1

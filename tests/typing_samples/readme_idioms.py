@@ -15,10 +15,18 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from celery import Celery, chain  # error: pyright-nostubs
+from celery import Celery, chain, signature  # error: pyright-nostubs
 from celery.result import AsyncResult  # error: pyright-nostubs
 
-from celery_unique import DuplicateTaskError, LockInfo, LockStatus, UniqueLocks, UniqueTask, send_unique
+from celery_unique import (
+    DuplicateTaskError,
+    LockInfo,
+    LockStatus,
+    UniqueLocks,
+    UniqueSignature,
+    UniqueTask,
+    send_unique,
+)
 
 app = Celery("proj", broker="redis://localhost:6379/0")
 app.conf.unique_redis_url = "redis://localhost:6379/1"  # error: pyright-nostubs
@@ -55,6 +63,12 @@ send_report.s(42).set(unique=60).apply_async()  # error: pyright-nostubs
 send_report.signature((42,), unique=60, unique_on="user_id").delay()  # error: pyright-nostubs
 step = send_report.si(42).set(queue="reports").set(unique=60, unique_until="start")  # error: pyright-nostubs
 chain(step, refresh.s(7)).apply_async()  # error: pyright-nostubs
+
+# A signature by name is Celery's own, whose set() celery-types types without
+# the unique options; UniqueSignature is the typed way to make one.
+signature("proj.send_report", (42,)).set(unique=60)  # error: mypy-stubs, pyright-stubs [unique]; pyright-nostubs
+by_name: UniqueSignature = UniqueSignature("proj.send_report", (42,)).set(unique=60)
+by_name.apply_async(unique_until="finish")
 
 # send_task by name, and the lock admin
 send_unique(app, "billing.charge", (7,), {"cents": 100}, unique=600, queue="billing")
