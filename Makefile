@@ -4,13 +4,14 @@
 # make matrix - the suite on Python 3.10-3.13 and on the oldest supported Celery/redis-py (tox.ini)
 # make docs  - build the documentation site into docs/_build/html (warnings are errors)
 # make dist  - build the sdist and wheel into dist/ and check them with twine
+# make soak  - the lock protocol's model test, run for much longer with fresh seeds
 # make dropin - Celery's own suites, run with celery.Task and with UniqueTask as the default task class
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench matrix docs dist dropin clean
+.PHONY: test soak demo lint bench matrix docs dist dropin clean
 
 # celery-types goes beside site-packages, for tests/test_typing.py alone
 # (tests/typing-stubs.txt says why).
@@ -29,6 +30,13 @@ XDIST = $(if $(filter 0,$(TEST_JOBS)),-p no:xdist,-n $(TEST_JOBS) --dist loadfil
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+
+# The protocol's model (tests/protocol_model.py) for much longer than in
+# `make test`, with fresh random seeds: SOAK_EXAMPLES runs of 40 steps.
+SOAK_EXAMPLES ?= 20000
+soak: $(STAMP)
+	PROTOCOL_SOAK_EXAMPLES=$(SOAK_EXAMPLES) $(BIN)/python -m pytest -p no:xdist -p no:randomly \
+		tests/test_protocol_model.py -k invariants_hold $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check celery_unique tests $(wildcard example_project benchmarks dropin docs/conf.py)

@@ -34,13 +34,16 @@ from .redis_url import redact
 if TYPE_CHECKING:
     from .config import StoreTarget
 
-__all__ = ["CLUSTER_RETRIES", "connect"]
+__all__ = ["CLUSTER_RETRIES", "MAX_CONNECTIONS", "connect"]
 
 #: How many times a cluster command is retried after a connection error, a
 #: timeout or CLUSTERDOWN. redis-py's default (3, with a backoff and a
 #: topology refresh each time) made one failing call take 2.8 s at a 0.5 s
 #: timeout; with none, a call fails after its own timeout plus one refresh.
 CLUSTER_RETRIES = 0
+#: Connections to one server per process (``unique_redis_options`` may set
+#: ``max_connections``), and as many again for the hot paths' own.
+MAX_CONNECTIONS = 50
 
 
 def connect(target: StoreTarget, socket_timeout: float) -> Any:
@@ -60,7 +63,13 @@ def connect(target: StoreTarget, socket_timeout: float) -> Any:
     if target.cluster:
         return _cluster(target, kwargs)
     kwargs.setdefault("retry", _retry_once())
-    return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+    # Bounded, and blocking when every connection is out: a gevent worker or
+    # producer running hundreds of greenlets shares a few connections
+    # instead of opening one per greenlet.
+    limit = kwargs.pop("max_connections", MAX_CONNECTIONS)
+    return redis.Redis(
+        connection_pool=redis.BlockingConnectionPool(max_connections=limit, timeout=socket_timeout, **kwargs)
+    )
 
 
 def _retry_once() -> Retry:

@@ -240,7 +240,8 @@ return {'run', value}
     # ARGV[1..4] - task id, nesting, retries, nonce (the run's attempt)
     # ARGV[5] - the run's owner (a marked run's marker names it)
     # ARGV[6] - "release" (the mode lets go), "keep" (a final failure the
-    #           mode keeps) or "requeue" (the message comes back: it runs again)
+    #           mode keeps) or "requeue" (the message comes back and runs
+    #           again: the marker says the attempt is queued)
     # ARGV[7] - "1" to leave a "done" marker until the lock's deadline (a copy
     #           of the message may exist), "" to leave none
     # return 1 if the lock was released, otherwise 0. Nothing is touched
@@ -255,12 +256,17 @@ if f then
     if f.s == 'r' and not (same(f, n, k) and f.owner == ARGV[5]) then return 0 end
     if f.s == 'x' then return 0 end
 end
-if ARGV[6] == 'requeue' then
-    if f then redis.call('DEL', KEYS[2]) end
-    return 0
-end
 local now = now_ms()
 local dl = deadline(KEYS[1], ARGV[1], f, now)
+if ARGV[6] == 'requeue' then
+    -- The attempt is queued again: a state it stored is stale until it runs.
+    if dl then
+        until_deadline(KEYS[2], state('q', n, k, ARGV[4], dl), dl, now, nil)
+    elseif f then
+        redis.call('DEL', KEYS[2])
+    end
+    return 0
+end
 local released = 0
 if ARGV[6] == 'release' and redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
@@ -407,10 +413,8 @@ return false
         plain = pool is not None and not isinstance(pool, SentinelConnectionPool)
         self._own = _OwnConnections(pool) if plain else None
         self.cluster = isinstance(client, redis.RedisCluster)
-        self._heads = {
-            (script.sha, keys): _head(script.sha, keys, args)
-            for script, keys, args in ((self._acquire, 1, 2), (self._acquire, 2, 3), (self._end, 2, 7))
-        }
+        #: Pre-packed heads of the hot paths' commands, by (script sha, keys, args).
+        self._heads: dict[tuple[str, int, int], bytes] = {}
 
     # -- the producer ---------------------------------------------------------------------------
 
@@ -549,7 +553,11 @@ return false
     def _own_call(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         assert self._own is not None
         parts = (*(k.encode() for k in keys), *(_arg(a) for a in args))
-        command = [_packed(self._heads[(script.sha, len(keys))], parts)]
+        shape = (script.sha, len(keys), len(args))
+        head = self._heads.get(shape)
+        if head is None:
+            head = self._heads[shape] = _head(*shape)
+        command = [_packed(head, parts)]
         return _evalsha_on_own_connection(self._own, script, command)
 
 
@@ -562,21 +570,30 @@ class _OwnConnections:
     bookkeeping, and it knows whether a failed command could have reached the
     server. Connections are built from the pool's own class and settings
     (TLS, unix socket, ACL user, database, timeouts), taken from and given
-    back to a free list: there are never more than calls at once, so a
-    gevent producer running hundreds of greenlets reuses a handful instead
-    of opening one per greenlet. A forked child never writes on its parent's
+    back to a free list, never more out at once than the pool's
+    ``max_connections``: a gevent producer running hundreds of greenlets
+    reuses a few instead of opening one per greenlet. A forked child never writes on its parent's
     sockets: it starts with a free list of its own.
     """
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
-        self._free: list[Any] = []
+        self._limit = int(getattr(pool, "max_connections", 50) or 50)
+        self._timeout = pool.connection_kwargs.get("socket_timeout") or 5.0
+        self._forked()
+
+    def _forked(self) -> None:
         self._pid = os.getpid()
-        self._mutex = threading.Lock()
+        self._free: list[Any] = []
+        self._slots = threading.BoundedSemaphore(min(self._limit, 1024))
 
     def take(self) -> Any:
         if self._pid != os.getpid():
-            self._free, self._pid = [], os.getpid()
+            self._forked()
+        # No more out at once than the limit: a call beyond it waits for one
+        # to come back, as redis-py's blocking pool makes it wait.
+        if not self._slots.acquire(timeout=self._timeout):
+            raise AcquireError(redis.ConnectionError("no free lock-store connection"), maybe_applied=False)
         try:
             return self._free.pop()
         except IndexError:
@@ -585,6 +602,7 @@ class _OwnConnections:
     def give_back(self, connection: Any) -> None:
         if self._pid == os.getpid():
             self._free.append(connection)
+            self._slots.release()
 
 
 def _packed(head: bytes, parts: tuple[bytes, ...]) -> bytes:

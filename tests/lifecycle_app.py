@@ -247,6 +247,16 @@ def register(app: Celery) -> None:
         finally:
             time.sleep(cleanup)
 
+    @app.task(base=UniqueTask, name="life.retry_no_throw", bind=True, shared=False, max_retries=1)
+    def retry_no_throw(self: UniqueTask, token: str, countdown: float = 2.0) -> str:
+        # Publishes its retry with throw=False, then returns: Celery stores
+        # SUCCESS for the first attempt while the retry waits.
+        record(self, token, "start")
+        if not self.request.retries:
+            self.retry(countdown=countdown, throw=False)
+            return "retried"
+        return "done"
+
     @app.task(name="life.errback", shared=False)
     def errback(request: Any, exc: Any, traceback: Any, token: str) -> None:
         scratch = redis.Redis.from_url(app.conf.lifecycle_scratch_url)

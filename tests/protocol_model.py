@@ -1,0 +1,402 @@
+"""A model of the lock protocol (docs/protocol.md), run against the package's own scripts.
+
+``ProtocolMachine`` is a hypothesis state machine. Its rules are what
+producers, brokers, workers and operators do to one call's lock: enqueue
+(with a generated or a reused, caller-chosen id), the holder check,
+redelivery of a message (Redis restoring it, RabbitMQ redelivering it),
+a copy's beginning, its body storing a result, its end with each outcome,
+a retry, a crash, the death reported by the worker's main process, a
+revoke, a purge, a reap, time passing (unrenewed markers expire) and the
+lock's TTL passing. A command's reply may be lost: the client sends it
+again. Each rule calls :class:`celery_unique.lock.LockStore` on a real Redis,
+and after every step the machine checks invariants 1-5 of docs/protocol.md
+against what Redis holds and what the model knows.
+
+The model runs a copy *unmarked* only where a worker would: a first copy of
+its message that no redelivery has touched. Every other copy is marked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import redis
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from celery_unique.keys import marker_key
+from celery_unique.lock import KEEP, RELEASE, REQUEUE, Attempt, LockStore
+
+PREFIX = "model"
+KEY = f"{PREFIX}:celery:model.task:digest"
+# Long enough that no key expires by itself while an example runs, even on a
+# loaded machine: time passes only when a rule says so.
+LOCK_TTL_MS = 300_000
+MARKER_TTL_MS = 30_000
+CHOSEN_IDS = ("chosen-1", "chosen-2")
+
+
+@dataclass
+class Copy:
+    """One message of one attempt of one task id, as the model follows it."""
+
+    number: int
+    task_id: str
+    nonce: str
+    nesting: int = 0
+    retries: int = 0
+    marked: bool = False
+    #: queued, running, ending (its result stored), ended, crashed, dropped, purged
+    state: str = "queued"
+    owner: str = ""
+    #: The marker value a marked running copy holds.
+    marker: str = ""
+    #: Set when the worker ran it although the lock was gone (a "stray" run).
+    stray: bool = False
+
+    @property
+    def attempt(self) -> Attempt:
+        return Attempt(self.task_id, self.nesting, self.retries, self.nonce)
+
+    @property
+    def attempt_key(self) -> tuple[str, str, int, int]:
+        return (self.task_id, self.nonce, self.nesting, self.retries)
+
+
+@dataclass
+class Incarnation:
+    """An accepted call: a task id with the nonce of its acquire."""
+
+    task_id: str
+    nonce: str
+    revoked: bool = False
+    #: Its lock's TTL passed (or the lock was taken over): best effort from then on.
+    expired: bool = False
+    #: The state the result backend holds, and when the worker stored it (ms).
+    stored: str | None = None
+    stored_at: int = 0
+    ended_attempts: set[tuple[int, int]] = field(default_factory=set)
+    latest: tuple[int, int] = (0, 0)
+
+
+class ProtocolMachine(RuleBasedStateMachine):
+    """The lock protocol's moving parts, driven against a real Redis."""
+
+    client: redis.Redis
+    #: The script a mutation test replaces, by LockStore attribute name, and its new text.
+    mutations: ClassVar[dict[str, str]] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client.flushdb()
+        self.store = LockStore(self.client)
+        for name, script in self.mutations.items():
+            setattr(self.store, name, self.client.register_script(script))
+        self.copies: list[Copy] = []
+        self.calls: dict[tuple[str, str], Incarnation] = {}
+        self.numbers = itertools.count()
+        self.generated = itertools.count()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def holder(self) -> str | None:
+        value = self.client.get(KEY)
+        return value.decode() if value is not None else None
+
+    def call_of(self, copy: Copy) -> Incarnation:
+        return self.calls[(copy.task_id, copy.nonce)]
+
+    def live(self, copy: Copy) -> bool:
+        return not self.call_of(copy).expired
+
+    def assert_nothing_pending(self, call: Incarnation, how: str) -> None:
+        """A lock given away (take-over, reap) leaves no copy of its holder that will still run.
+
+        A queued copy of an attempt that ended, or that a marked copy is
+        finishing, is held back or dropped when it begins.
+        """
+        mine = [c for c in self.copies if (c.task_id, c.nonce) == (call.task_id, call.nonce) and not c.stray]
+        finishing = {c.attempt_key for c in mine if c.state == "ending" and c.marker}
+        pending = [
+            c for c in mine
+            if c.state == "running"
+            or (c.state == "queued" and not call.revoked and c.attempt_key not in finishing
+                and (c.nesting, c.retries) not in call.ended_attempts)
+        ]
+        assert not pending, f"{how} gave the lock away while {pending} will still run"
+
+    def copies_in(self, *states: str) -> list[Copy]:
+        return [c for c in self.copies if c.state in states]
+
+    def new_copy(self, task_id: str, nonce: str, **fields: Any) -> Copy:
+        copy = Copy(next(self.numbers), task_id, nonce, **fields)
+        self.copies.append(copy)
+        return copy
+
+    # -- producers ------------------------------------------------------------------------------
+
+    @rule(chosen=st.sampled_from((None, *CHOSEN_IDS)), resend=st.booleans())
+    def enqueue(self, chosen: str | None, resend: bool) -> None:
+        """A producer's unique call, its reply maybe lost and the command sent again."""
+        task_id = chosen or f"gen-{next(self.generated)}"
+        nonce = f"n{next(self.numbers)}" if chosen else ""
+        before = self.holder()
+        holder = self.store.acquire(KEY, task_id, LOCK_TTL_MS, nonce if chosen else None)
+        if resend:
+            again = self.store.acquire(KEY, task_id, LOCK_TTL_MS, nonce if chosen else None)
+            assert again == holder, f"a resent acquire answered {again!r}, the first {holder!r}"
+        if before is None:
+            assert holder is None, f"a free lock refused {task_id}: {holder!r}"
+        if holder is not None:
+            assert holder == before
+            return
+        for (other, _), call in self.calls.items():
+            if other == task_id:
+                call.expired = True  # a reused id: the old incarnation's lock is gone
+        self.calls[(task_id, nonce)] = Incarnation(task_id, nonce)
+        self.new_copy(task_id, nonce)
+
+    @rule(resend=st.booleans())
+    def holder_check(self, resend: bool) -> None:
+        """A refused call takes a finished holder's lock over, as the producer does."""
+        held = self.holder()
+        holders = [c for c in self.calls.values() if c.task_id == held and not c.expired]
+        if not holders or holders[0].stored not in ("SUCCESS", "FAILURE"):
+            return
+        call = holders[0]
+        new = f"gen-{next(self.generated)}"
+        answer = self.store.take_over(KEY, held, new, LOCK_TTL_MS, None, call.stored_at)
+        if resend:
+            again = self.store.take_over(KEY, held, new, LOCK_TTL_MS, None, call.stored_at)
+            assert again == answer, f"a resent take-over answered {again!r}, the first {answer!r}"
+        if answer is None:
+            self.assert_nothing_pending(call, "the holder check")
+            call.expired = True  # its lock went to the new call
+            self.calls[(new, "")] = Incarnation(new, "")
+            self.new_copy(new, "")
+
+    # -- the broker -----------------------------------------------------------------------------
+
+    @precondition(lambda self: self.copies_in("queued", "running"))
+    @rule(data=st.data())
+    def redeliver(self, data: st.DataObject) -> None:
+        """The broker delivers another copy of a message: both copies are now marked."""
+        # A running copy's message is still unacknowledged only if the run
+        # was marked (late acknowledgement marks it before any copy appears).
+        candidates = [c for c in self.copies_in("queued", "running") if c.state == "queued" or c.marked]
+        if not candidates:
+            return
+        original = data.draw(st.sampled_from(candidates))
+        original.marked = True
+        self.new_copy(original.task_id, original.nonce, nesting=original.nesting,
+                      retries=original.retries, marked=True)
+
+    # -- workers --------------------------------------------------------------------------------
+
+    @precondition(lambda self: self.copies_in("queued"))
+    @rule(data=st.data(), resend=st.booleans())
+    def begin(self, data: st.DataObject, resend: bool) -> None:
+        """A worker begins a copy: unmarked if it is its message's only copy, else BEGIN."""
+        copy = data.draw(st.sampled_from(self.copies_in("queued")))
+        call = self.call_of(copy)
+        copy.owner = f"worker/{copy.number}"
+        if call.revoked:
+            # Celery discards a revoked task's message and says so (task_revoked).
+            copy.state = "dropped"
+            self.store.discard(KEY, copy.attempt, drop_later=True)
+            return
+        if not copy.marked:
+            self.assert_may_run(copy, "an unmarked copy")
+            copy.state = "running"
+            return
+        reply = self.store.begin(KEY, copy.attempt, copy.owner, "other-machine:1", MARKER_TTL_MS)
+        if resend:
+            again = self.store.begin(KEY, copy.attempt, copy.owner, "other-machine:1", MARKER_TTL_MS)
+            assert again[0] == reply[0] or (reply[0] == "run" and again[0] == "run"), (reply, again)
+        verdict = reply[0]
+        if verdict == "run":
+            self.assert_may_run(copy, "BEGIN said run")
+            copy.state, copy.marker = "running", str(reply[1])
+        elif verdict == "stray":
+            # The lock is gone and no marker says why: only its TTL can have done that.
+            assert call.expired, f"{copy} ran unmarked (stray) though its lock's TTL has not passed"
+            copy.state, copy.stray = "running", True
+        elif verdict == "wait":
+            running = [
+                c for c in self.copies_in("running", "ending", "crashed")
+                if c.attempt_key == copy.attempt_key and c.marker and c is not copy
+            ]
+            assert running or call.expired, f"{copy} held back with no copy of its attempt running"
+            # Held back: published again with a countdown; that copy is marked too.
+            copy.state = "dropped"
+            self.new_copy(copy.task_id, copy.nonce, nesting=copy.nesting, retries=copy.retries, marked=True)
+        elif verdict == "skip":
+            assert (
+                call.expired
+                or (copy.nesting, copy.retries) in call.ended_attempts
+                or call.latest > (copy.nesting, copy.retries)
+            ), f"{copy} skipped though its attempt never ended"
+            copy.state = "dropped"
+        elif verdict == "drop":
+            assert call.revoked or call.expired, f"{copy} dropped though it was never revoked or purged"
+            copy.state = "dropped"
+        else:
+            raise AssertionError(f"unknown verdict {reply!r}")
+
+    def assert_may_run(self, copy: Copy, how: str) -> None:
+        """Invariant 1: no other copy of the attempt runs, and the attempt has not ended."""
+        call = self.call_of(copy)
+        if call.expired:
+            return
+        others = [
+            c for c in self.copies_in("running", "ending")
+            if c.task_id == copy.task_id and c.nonce == copy.nonce and not c.stray and c is not copy
+        ]
+        assert not others, f"{how}: {copy} runs beside {others}"
+        assert (copy.nesting, copy.retries) not in call.ended_attempts, f"{how}: {copy} ran again"
+        assert not call.revoked, f"{how}: revoked {copy} runs"
+
+    @precondition(lambda self: self.copies_in("running"))
+    @rule(data=st.data(), state=st.sampled_from(("SUCCESS", "FAILURE")))
+    def store_result(self, data: st.DataObject, state: str) -> None:
+        """A body returns (or fails for good) and Celery stores its state, before the run's end."""
+        copy = data.draw(st.sampled_from(self.copies_in("running")))
+        copy.state = "ending"
+        call = self.call_of(copy)
+        if not copy.stray:
+            call.stored, call.stored_at = state, int(time.time() * 1000) + 1
+
+    @precondition(lambda self: self.copies_in("ending"))
+    @rule(data=st.data(), until=st.sampled_from(("success", "finish")), resend=st.booleans())
+    def end(self, data: st.DataObject, until: str, resend: bool) -> None:
+        """A run's end (END_SCRIPT), as its stored state and mode say."""
+        copy = data.draw(st.sampled_from(self.copies_in("ending")))
+        call = self.call_of(copy)
+        outcome = RELEASE if call.stored == "SUCCESS" or until == "finish" else KEEP
+        copy.state = "ended"
+        if not copy.stray:
+            call.ended_attempts.add((copy.nesting, copy.retries))
+        marked = bool(copy.marker)
+        if not marked and outcome == KEEP:
+            return  # the worker sends nothing
+        for _ in range(2 if resend else 1):
+            self.store.end(KEY, copy.attempt, copy.owner, outcome, leave_done=marked)
+
+    @precondition(lambda self: [c for c in self.copies_in("running") if not c.stray])
+    @rule(data=st.data(), marked=st.booleans(), throw=st.booleans())
+    def retry(self, data: st.DataObject, marked: bool, throw: bool) -> None:
+        """The body calls self.retry(): the retry is published, then CONTINUE; the attempt ends.
+
+        With ``throw=False`` the body returns after the retry, and Celery
+        stores SUCCESS for the attempt that retried.
+        """
+        copy = data.draw(st.sampled_from([c for c in self.copies_in("running") if not c.stray]))
+        call = self.call_of(copy)
+        attempt = (copy.nesting, copy.retries + 1)
+        self.new_copy(copy.task_id, copy.nonce, nesting=attempt[0], retries=attempt[1], marked=marked)
+        self.store.continue_(KEY, Attempt(copy.task_id, *attempt, copy.nonce))
+        call.latest = max(call.latest, attempt)
+        call.stored, call.stored_at = ("RETRY", 0) if throw else ("SUCCESS", int(time.time() * 1000) + 1)
+        copy.state = "ended"  # its end sends nothing
+        call.ended_attempts.add((copy.nesting, copy.retries))
+
+    @precondition(lambda self: self.copies_in("running", "ending"))
+    @rule(data=st.data())
+    def crash(self, data: st.DataObject) -> None:
+        """A worker dies mid-run: its marker is renewed no more, and nothing ends the run."""
+        copy = data.draw(st.sampled_from(self.copies_in("running", "ending")))
+        copy.state = "crashed"
+
+    @precondition(lambda self: [c for c in self.copies_in("crashed") if not c.stray])
+    @rule(data=st.data(), requeued=st.booleans())
+    def death_reported(self, data: st.DataObject, requeued: bool) -> None:
+        """The main process hears its pool process died: the dead copy's marker goes first."""
+        copy = data.draw(st.sampled_from([c for c in self.copies_in("crashed") if not c.stray]))
+        copy.state = "dropped"
+        self.store.end(KEY, copy.attempt, copy.owner, REQUEUE, leave_done=False)
+        if requeued:
+            self.new_copy(copy.task_id, copy.nonce, nesting=copy.nesting, retries=copy.retries, marked=True)
+        else:
+            self.call_of(copy).ended_attempts.add((copy.nesting, copy.retries))
+            self.store.end(KEY, copy.attempt, copy.owner, KEEP, leave_done=True)
+
+    @precondition(lambda self: self.copies_in("running", "ending"))
+    @rule()
+    def heartbeat(self) -> None:
+        """The keepers of live marked copies renew their markers."""
+        live = self.copies_in("running", "ending")
+        markers = [(marker_key(KEY, c.task_id), c.marker) for c in live if c.marker]
+        self.store.heartbeat(markers, MARKER_TTL_MS)
+
+    # -- operators ------------------------------------------------------------------------------
+
+    @precondition(lambda self: self.copies_in("queued"))
+    @rule(data=st.data(), purge=st.booleans())
+    def revoke_or_purge(self, data: st.DataObject, purge: bool) -> None:
+        """A queued copy is discarded as revoked, or purged from its queue (DISCARD)."""
+        copy = data.draw(st.sampled_from(self.copies_in("queued")))
+        copy.state = "purged"
+        call = self.call_of(copy)
+        if not purge:
+            # The revoke reaches every copy of the id that a worker discards.
+            call.revoked = True
+        released = self.store.discard(KEY, copy.attempt, drop_later=True)
+        if purge and released:
+            call.revoked = True  # purged: its other copies are dropped
+
+    @rule()
+    def reap(self) -> None:
+        """The reaper releases a finished holder's lock (TAKE_OVER with no new id)."""
+        held = self.holder()
+        holders = [c for c in self.calls.values() if c.task_id == held and not c.expired]
+        finished = bool(holders) and holders[0].stored in ("SUCCESS", "FAILURE")
+        if finished and self.store.take_over(KEY, held, "", 0, None, holders[0].stored_at) is None:
+            self.assert_nothing_pending(holders[0], "the reaper")
+            holders[0].expired = True
+
+    # -- time -----------------------------------------------------------------------------------
+
+    @rule(seconds=st.sampled_from((40, 120)))
+    def time_passes(self, seconds: int) -> None:
+        """Seconds pass, fewer than the lock's TTL: live markers are renewed, shorter-lived keys expire."""
+        self.heartbeat()
+        alive = {c.marker for c in self.copies_in("running", "ending") if c.marker}
+        for key in self.client.scan_iter(f"{PREFIX}:run:*"):
+            value = (self.client.get(key) or b"").decode()
+            if value not in alive and self.client.pttl(key) < seconds * 1000:
+                self.client.delete(key)
+
+    @precondition(lambda self: len(self.copies) >= 4)
+    @rule()
+    def lock_expires(self) -> None:
+        """The lock's TTL passes: it and every marker under it expire; best effort from then on."""
+        for key in [KEY, *self.client.scan_iter(f"{PREFIX}:run:*")]:
+            self.client.delete(key)
+        for call in self.calls.values():
+            call.expired = True
+
+    # -- invariants -----------------------------------------------------------------------------
+
+    @invariant()
+    def no_release_while_a_copy_runs(self) -> None:
+        """Invariant 2: a task id whose marked copy runs still holds its lock (unless its TTL passed)."""
+        for copy in self.copies_in("running"):
+            if copy.stray or not self.live(copy):
+                continue
+            assert self.holder() == copy.task_id, f"{copy} runs without its lock: {self.holder()!r} holds it"
+
+    @invariant()
+    def bounded_residue(self) -> None:
+        """Invariant 5: every key starts with the prefix, has a TTL, and no marker outlives its deadline."""
+        now = self.client.time()
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        for key in self.client.scan_iter("*"):
+            assert key.decode().startswith(f"{PREFIX}:"), key
+            ttl = self.client.pttl(key)
+            assert ttl > 0, f"{key!r} has no TTL ({ttl})"
+            if key.decode() != KEY:
+                deadline = int((self.client.get(key) or b"").decode().split("|")[4])
+                assert ttl <= deadline - now_ms + 50, f"{key!r} outlives its lock's deadline"
