@@ -13,9 +13,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test soak demo lint bench matrix docs dist dropin clean
 
-$(STAMP): setup.cfg pyproject.toml
+# celery-types goes beside site-packages, for tests/test_typing.py alone
+# (tests/typing-stubs.txt says why).
+$(STAMP): setup.cfg pyproject.toml tests/typing-stubs.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test,dev,docs]'
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/celery-types -r tests/typing-stubs.txt
 	touch $(STAMP)
 
 # Test files run in TEST_JOBS processes at once (pytest-xdist), each with a

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from .admin import LockInfo, LockStatus, UniqueLocks
+from .decorator import unique_task
 from .errors import (
     ConfigurationError,
     DuplicateTaskError,
@@ -20,6 +21,7 @@ from .errors import (
 from .events import lock_released, lock_taken_over, task_duplicate
 from .send import send_unique
 from .task import LOCK_HEADER, UniqueTask
+from .typed import UniqueSignature
 from .worker import UniqueRequest
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "LockStoreError",
     "UniqueLocks",
     "UniqueRequest",
+    "UniqueSignature",
     "UniqueTask",
     "UniqueTaskError",
     "UniqueTypeError",
@@ -41,6 +44,7 @@ __all__ = [
     "lock_taken_over",
     "send_unique",
     "task_duplicate",
+    "unique_task",
 ]
 
 __version__ = "0.1.0"

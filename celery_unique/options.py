@@ -18,6 +18,9 @@ __all__ = ["ON_DUPLICATE", "OPTION_NAMES", "UNTIL", "UniqueOptions", "check_choi
 
 Until = Literal["success", "finish", "start"]
 OnDuplicate = Literal["raise", "existing"]
+#: Names of the parameters that make up the key (a lone string is one name):
+#: the types check_unique_on takes, no other sequence or set.
+UniqueOn = str | list[str] | tuple[str, ...] | set[str] | frozenset[str]
 
 #: When a lock is released: on success (Asynq), on success or final failure,
 #: or as the task starts running.

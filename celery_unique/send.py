@@ -22,10 +22,13 @@ from .task import UniqueTask
 if TYPE_CHECKING:
     from celery import Celery
 
+    from .options import OnDuplicate, UniqueOn, Until
+
 __all__ = ["send_unique"]
 
 #: Attribute of the Celery app that holds its stand-in task class.
 _STAND_IN_ATTR = "_celery_unique_named_task"
+_UNSET: Any = object()
 
 
 def send_unique(
@@ -35,8 +38,11 @@ def send_unique(
     kwargs: Mapping[str, Any] | None = None,
     *,
     unique: float | timedelta | None = None,
+    unique_on: UniqueOn | None = _UNSET,
+    unique_until: Until | None = None,
+    on_duplicate: OnDuplicate | None = None,
     **options: Any,
-) -> AsyncResult:
+) -> AsyncResult[Any]:
     """Enqueue the task ``name`` as ``send_task`` does, taking its unique lock first.
 
     ``unique`` and the other unique options (``unique_on``, ``unique_until``,
@@ -46,6 +52,13 @@ def send_unique(
     registered = app.tasks.get(name)
     if unique is not None:
         options["unique"] = unique
+    # Omitted, unique_on is the task's; None is all arguments.
+    if unique_on is not _UNSET:
+        options["unique_on"] = unique_on
+    if unique_until is not None:
+        options["unique_until"] = unique_until
+    if on_duplicate is not None:
+        options["on_duplicate"] = on_duplicate
     if isinstance(registered, UniqueTask):
         return registered.apply_async(args, kwargs, **options)
     return _stand_in_class(app)(name, registered).apply_async(args, kwargs, **options)
@@ -96,7 +109,7 @@ class _NamedTask(UniqueTask):
         link_error: Any,
         shadow: str | None,
         options: dict[str, Any],
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
         return self._get_app().send_task(
             self.name, args, kwargs, task_id=task_id, producer=producer,
             link=link, link_error=link_error, shadow=shadow, **options,

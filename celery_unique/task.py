@@ -6,7 +6,7 @@ import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Task
@@ -31,6 +31,7 @@ from .options import (
     OPTION_NAMES,
     UNTIL,
     OnDuplicate,
+    UniqueOn,
     UniqueOptions,
     Until,
     check_choice,
@@ -39,6 +40,7 @@ from .options import (
 from .signals import in_beat
 from .switch import unlock_if_disabled
 from .ttl import delay_ms, ttl_ms
+from .typed import UniqueSignature, typed_apply_async
 
 __all__ = ["LOCK_HEADER", "UniqueTask"]
 
@@ -49,7 +51,18 @@ _UNSET: Any = object()
 # django-celery-beat (its scheduler and its admin's "Run selected tasks").
 _SCHEDULE_HEADERS = (BEAT_HEADER, "periodic_task_name")
 
-class UniqueTask(Task):  # type: ignore[misc]
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    # celery-types makes Task generic in its parameters and result; a
+    # UniqueTask takes any arguments and returns anything. Celery 5.5 and
+    # older cannot subscript Task at run time.
+    _TaskBase: TypeAlias = Task[..., Any]
+else:
+    _TaskBase = Task
+
+
+class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any without celery-types
     """A task that can be enqueued only while the same task is not queued.
 
     ``apply_async(..., unique=ttl)`` (or ``@app.task(base=UniqueTask,
@@ -68,7 +81,7 @@ class UniqueTask(Task):  # type: ignore[misc]
     #: Default lock TTL for every call; ``None`` means unique only when asked.
     unique: float | timedelta | None = None
     #: Names of the parameters that make up the key; ``None`` means all.
-    unique_on: Sequence[str] | None = None
+    unique_on: UniqueOn | None = None
     #: When the lock is released: "success", "finish" or "start".
     unique_until: Until | None = None
     #: What a duplicate does: "raise" or "existing" (return the holder's result).
@@ -80,8 +93,30 @@ class UniqueTask(Task):  # type: ignore[misc]
     #: This class ends its runs in ``__call__``; the signal receivers leave it alone.
     runs_its_own_lock = True
 
+    if TYPE_CHECKING:
+        # Task's own, as type checkers should see them on a unique task: the
+        # result typed, and signatures whose set() takes the unique options.
+        def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[Any]: ...
+
+        def s(self, *args: Any, **kwargs: Any) -> UniqueSignature: ...
+
+        def si(self, *args: Any, **kwargs: Any) -> UniqueSignature: ...
+
+        def signature(
+            self,
+            args: Sequence[Any] | None = ...,
+            kwargs: Mapping[str, Any] | None = ...,
+            *,
+            unique: float | timedelta | None = ...,
+            unique_on: UniqueOn | None = ...,
+            unique_until: Until | None = ...,
+            on_duplicate: OnDuplicate | None = ...,
+            **options: Any,
+        ) -> UniqueSignature: ...
+
     # -- enqueue ----------------------------------------------------------------------------------
 
+    @typed_apply_async  # declares the unique options as typed keywords (typed.py)
     def apply_async(
         self,
         args: Sequence[Any] | None = None,
@@ -92,7 +127,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         link_error: Any = None,
         shadow: str | None = None,
         **options: Any,
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
         """Take the task's lock, then publish it as ``Task.apply_async`` does.
 
         ``unique=`` (seconds or ``timedelta``) overrides the task's default
@@ -338,7 +373,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         from_schedule: bool,
         link: Any,
         link_error: Any,
-    ) -> tuple[LockStore, str, str] | AsyncResult:
+    ) -> tuple[LockStore, str, str] | AsyncResult[Any]:
         """Take the call's lock: ``(store, key, task id)``, or the duplicate's result."""
         app = self._get_app()
         state = app_state(app)
@@ -411,7 +446,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         link_error: Any,
         shadow: str | None,
         options: dict[str, Any],
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )
@@ -428,7 +463,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         link_error: Any,
         shadow: Any,
         options: dict[str, Any],
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
         # task_always_eager: the task runs inside this call, and its run ends
         # as a worker's would (a final failure keeps the lock under "success",
         # even when task_eager_propagates raises it here). Only an error
@@ -485,7 +520,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         options: Mapping[str, Any],
         link: Any,
         link_error: Any,
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
         events.refused(self, key, holder, args, kwargs)
         if refused_id is not None and refused_id != holder:
             # Record the refused call as failed, as Celery records a failed

@@ -29,8 +29,7 @@ autodoc_typehints = "signature"
 nitpick_ignore_regex = [
     (r"py:.*", r"(celery|kombu|redis|billiard|click|django|pytest|_pytest)(\..+)?"),
     (r"py:.*", r"(collections\.abc|datetime|types|typing|contextlib|pathlib|subprocess)\..+"),
-    (r"py:class", r"datetime"),
-    (r"py:class", r"Celery|AsyncResult|timedelta"),
+    (r"py:class", r"Celery|AsyncResult|timedelta|datetime"),
     # A type variable: it stands for the type a call returns.
     (r"py:class", r"celery_unique\.testing\.T"),
 ]

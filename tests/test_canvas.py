@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -11,8 +12,9 @@ import redis
 from celery import Celery, chain, chord, group
 from celery.beat import ScheduleEntry, Scheduler
 
-from celery_unique import DuplicateTaskError, UniqueTask, send_unique
+from celery_unique import DuplicateTaskError, UniqueSignature, UniqueTask, send_unique
 from celery_unique.compat import BEAT_HEADER
+from celery_unique.headers import UNTIL_HEADER
 from tests.conftest import wait_until
 from tests.versions import CELERY_57
 
@@ -159,3 +161,35 @@ def test_send_unique_without_ttl_is_send_task(
     send_unique(celery_app, "billing.charge", (7,))
     assert broker.llen("celery") == 2
     assert locks.dbsize() == 0
+
+
+def test_send_unique_passes_on_each_unique_option(
+    celery_app: Celery, tasks: SimpleNamespace, broker: redis.Redis
+) -> None:
+    """send_unique's unique_on, unique_until and on_duplicate reach the lock as apply_async's do."""
+    first = send_unique(
+        celery_app, "tests.send_report", (1,), {"period": "a"}, unique=60,
+        unique_on=["user_id"], unique_until="start",
+    )
+    headers = json.loads(broker.lindex("celery", -1))["headers"]
+    assert headers[UNTIL_HEADER] == "start"
+    again = send_unique(
+        celery_app, "tests.send_report", (1,), {"period": "b"}, unique=60,
+        unique_on=["user_id"], on_duplicate="existing",
+    )
+    assert again.id == first.id  # refused: the same user_id; "existing" returned the holder
+    with pytest.raises(DuplicateTaskError):
+        send_unique(celery_app, "tests.send_report", (1,), {"period": "b"}, unique=60, unique_on=["user_id"])
+    send_unique(celery_app, "tests.send_report", (1,), {"period": "b"}, unique=60)  # all arguments
+    assert broker.llen("celery") == 2
+
+
+def test_unique_signature_by_name_locks(
+    celery_app: Celery, tasks: SimpleNamespace, broker: redis.Redis
+) -> None:
+    """A UniqueSignature made from a task's name is Celery's signature: its .set(unique=) takes the lock."""
+    first = UniqueSignature("tests.send_report", (3,), app=celery_app).set(unique=60).apply_async()
+    with pytest.raises(DuplicateTaskError) as info:
+        tasks.send_report.apply_async((3,), unique=60)
+    assert info.value.task_id == first.id
+    assert broker.llen("celery") == 1
