@@ -305,7 +305,7 @@ def test_running_markers_are_not_locks(tagged_app: Celery, redis_server: RedisSe
     admin = UniqueLocks(tagged_app)
     store = redis_server.client(2)
     for lock in admin.list():
-        store.set(running_marker_key(lock.key, lock.task_id), "run|0|0|worker/1", px=60_000)
+        store.set(running_marker_key(lock.key, lock.task_id), "r|0|0||9999999999999|worker/1|m:1", px=60_000)
     assert len(list(store.scan_iter(match="{locks}:*:*:*"))) == 6  # what the admin's SCAN finds
     assert admin.count() == 3
     assert len(admin.list()) == 3
@@ -322,7 +322,7 @@ def gate(celery_app: Celery) -> Iterator[threading.Event]:
     """A task, tests.gated, that runs until the test opens the gate (at the latest when it ends)."""
     opened = threading.Event()
 
-    @celery_app.task(base=UniqueTask, name="tests.gated")
+    @celery_app.task(base=UniqueTask, name="tests.gated", track_started=True)
     def gated(user_id: int) -> int:
         opened.wait(30)
         return user_id
@@ -342,7 +342,7 @@ def gated_worker(celery_app: Celery, tasks: SimpleNamespace, gate: threading.Eve
 def test_describe_tells_what_each_holder_is_doing(
     celery_app: Celery, tasks: SimpleNamespace, gated_worker: Any, locks: redis.Redis
 ) -> None:
-    """describe() gives each lock's age and its holder's stored state, and says which holder runs."""
+    """describe() gives each lock's age and its holder's stored state (STARTED while it runs)."""
     before = time.time()
     failed = tasks.fail.apply_async((1,), unique=60)  # unique_until="success": kept on FAILURE
     done = tasks.send_report.apply_async((2,), unique=60)
@@ -353,7 +353,7 @@ def test_describe_tells_what_each_holder_is_doing(
     chosen = tasks.send_report.apply_async((4,), unique=60, queue="nobody", task_id="report-4")
     running = celery_app.tasks["tests.gated"].apply_async((5,), unique=60)
     admin = UniqueLocks(celery_app)
-    wait_until(lambda: any(s.running for s in admin.describe()), what="the gated task to run")
+    wait_until(lambda: any(s.state == "STARTED" for s in admin.describe()), what="the gated task to run")
     after = time.time()
     statuses = {status.task_id: status for status in admin.describe()}
     assert {task_id: (s.state, s.running) for task_id, s in statuses.items()} == {
@@ -361,7 +361,8 @@ def test_describe_tells_what_each_holder_is_doing(
         done.id: ("SUCCESS", False),
         queued.id: ("PENDING", False),
         chosen.id: ("PENDING", False),
-        running.id: ("PENDING", True),  # task_track_started is off: the marker tells
+        # An unmarked run (Celery's defaults) has no marker: task_track_started tells.
+        running.id: ("STARTED", False),
     }
     assert statuses["report-4"].issued_at is None
     assert statuses["report-4"].age is None
@@ -691,7 +692,7 @@ def test_cli_list_shows_age_ttl_and_state(
     """`unique list` shows each lock's age, TTL and holder state in aligned columns, `-` where unknown."""
     celery_app.backend.mark_as_done(held.a.id, "report")  # finished, its release missed
     slow_key = next(k.decode() for k in locks.keys("*") if b"tests.slow" in k)
-    locks.set(running_marker_key(slow_key, held.c.id), "run|0|0|worker/1", px=60_000)
+    locks.set(running_marker_key(slow_key, held.c.id), "r|0|0||9999999999999|worker/1|m:1", px=60_000)
     chosen = celery_app.tasks["tests.send_report"].apply_async((9,), unique=60, task_id="report-9")
     listing = celery_cli(redis_server, "list", settings=results_of(redis_server))
     assert listing.returncode == 0, listing.stderr
@@ -762,7 +763,7 @@ def test_cli_list_with_the_result_backend_down(
 def test_cli_count(redis_server: RedisServer, held: SimpleNamespace, locks: redis.Redis) -> None:
     """`unique count` counts the locks, filtered, as text or JSON, and leaves running markers out."""
     slow_key = next(k.decode() for k in locks.keys("*") if b"tests.slow" in k)
-    locks.set(running_marker_key(slow_key, held.c.id), "run|0|0|worker/1", px=60_000)
+    locks.set(running_marker_key(slow_key, held.c.id), "r|0|0||9999999999999|worker/1|m:1", px=60_000)
     every = celery_cli(redis_server, "count")
     assert every.returncode == 0, every.stderr
     store = f"Lock store: {redis_server.url(2)} (unique_redis_url)"
@@ -803,7 +804,9 @@ def test_cli_reap_and_purge_json(
         "lock_store": f"{redis_server.url(2)} (unique_redis_url)",
         "queues": ["reports"], "messages": 1, "released": 1,
     }
-    assert locks.dbsize() == 1
+    # One lock left, and the purged task's marker ("x|...": a copy of it is dropped).
+    assert len([key for key in locks.keys("unique:*") if b":run:{" not in key]) == 1
+    assert [key for key in locks.keys("unique:run:*") if locks.get(key).startswith(b"x|")]
     nothing = celery_cli(redis_server, "purge", "--json", "-f", "-Q", "reports", "-X", "reports")
     assert json.loads(nothing.stdout)["queues"] == []
 

@@ -88,7 +88,11 @@ def test_describe_reads_markers_on_the_cluster(cluster_app: Celery, cluster: Loc
     """describe() reads holders, markers and states on every primary, one script call per hash slot."""
     opened = threading.Event()
 
-    @cluster_app.task(base=UniqueTask, name="tests.cluster_gated", shared=False)
+    # Late acknowledgement with a short visibility timeout: the run is marked
+    # half a second after its message came.
+    cluster_app.conf.broker_transport_options = {"visibility_timeout": 2}
+
+    @cluster_app.task(base=UniqueTask, name="tests.cluster_gated", shared=False, acks_late=True)
     def gated(user_id: int) -> int:
         opened.wait(30)
         return user_id

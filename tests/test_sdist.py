@@ -14,8 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 #: Trees beside the package that the suite imports or runs: its own files,
 #: the example project (tests/test_demo.py), the benchmarks
-#: (tests/test_benchmarks.py) and the docs (tests/test_docs.py).
-TREES = ("tests", "example_project", "benchmarks", "docs")
+#: (tests/test_benchmarks.py), the drop-in tool (tests/test_dropin.py) and the docs
+#: (tests/test_docs.py).
+TREES = ("tests", "example_project", "benchmarks", "dropin", "docs")
 #: Top-level files the suite, the Makefile and the docs build read.
 FILES = (
     "LICENSE", "README.md", "CHANGELOG.md", "MANIFEST.in", "Makefile", "pyproject.toml",
