@@ -55,6 +55,8 @@ class Copy:
     marker: str = ""
     #: Set when the worker ran it although the lock was gone (a "stray" run).
     stray: bool = False
+    #: Set once its body finished and Celery stored the state (it may die before its end).
+    stored: bool = False
 
     @property
     def attempt(self) -> Attempt:
@@ -114,10 +116,13 @@ class ProtocolMachine(RuleBasedStateMachine):
         """A lock given away (take-over, reap) leaves no copy of its holder that will still run.
 
         A queued copy of an attempt that ended, or that a marked copy is
-        finishing, is held back or dropped when it begins.
+        finishing, is held back or dropped when it begins. One of an attempt
+        whose body finished, stored its state, and died before its end (the
+        whole worker killed) may run again: Celery's at-least-once
+        redelivery of finished work, outside the protocol (docs/protocol.md).
         """
         mine = [c for c in self.copies if (c.task_id, c.nonce) == (call.task_id, call.nonce) and not c.stray]
-        finishing = {c.attempt_key for c in mine if c.state == "ending" and c.marker}
+        finishing = {c.attempt_key for c in mine if (c.state == "ending" and c.marker) or c.stored}
         pending = [
             c for c in mine
             if c.state == "running"
@@ -262,7 +267,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def store_result(self, data: st.DataObject, state: str) -> None:
         """A body returns (or fails for good) and Celery stores its state, before the run's end."""
         copy = data.draw(st.sampled_from(self.copies_in("running")))
-        copy.state = "ending"
+        copy.state, copy.stored = "ending", True
         call = self.call_of(copy)
         if not copy.stray:
             call.stored = state
