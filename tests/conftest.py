@@ -171,6 +171,14 @@ def celery_config(redis_server: RedisServer) -> dict[str, Any]:
 
 
 @pytest.fixture
+def eager(celery_app: Celery) -> Iterator[Celery]:
+    """The test app with task_always_eager and task_eager_propagates on."""
+    celery_app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    yield celery_app
+    celery_app.conf.update(task_always_eager=False, task_eager_propagates=False)
+
+
+@pytest.fixture
 def locks(redis_server: RedisServer) -> redis.Redis:
     """A client on the lock database, to look at locks directly (markers hidden)."""
     return LockDatabase(host=redis_server.host, port=redis_server.port, db=LOCK_DB)

@@ -150,6 +150,11 @@ def pids(scratch: redis.Redis, token: str, event: str = "start") -> list[int]:
     return [int(parts[1]) for parts in entries if parts[0] == event]
 
 
+def park(app: Any, x: int) -> Any:
+    """Hold ``life.double(x)``'s lock with a task that waits a minute before it runs."""
+    return app.tasks["life.double"].apply_async((x,), unique=60, countdown=60)
+
+
 def redeliver_copy(
     broker: redis.Redis, app: Any, name: str, task_id: str, key: str, args: tuple[Any, ...]
 ) -> None:

@@ -20,7 +20,7 @@ from celery_unique import DuplicateTaskError
 from celery_unique.testing import RedisServer
 from tests.conftest import BROKER_DB, wait_until
 from tests.lifecycle_app import QUEUE
-from tests.lifecycle_support import ROOT, Lifecycle, stored
+from tests.lifecycle_support import ROOT, Lifecycle, park, stored
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +31,6 @@ TIMEOUT = 15
 @pytest.fixture
 def life(redis_server: RedisServer) -> Lifecycle:
     return Lifecycle.on(redis_server)
-
-
-def park(app: Any, x: int) -> Any:
-    """Hold ``double(x)``'s lock with a task that waits 60 s before running."""
-    return app.tasks["life.double"].apply_async((x,), unique=60, countdown=60)
 
 
 def test_chain_link_with_existing_fails_the_chain_promptly(life: Lifecycle, tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,14 +10,6 @@ from celery import Celery, chain, group
 
 from celery_unique import DuplicateTaskError, UniqueTask
 from celery_unique.config import lock_store
-
-
-@pytest.fixture
-def eager(celery_app: Celery) -> Iterator[Celery]:
-    """The test app with task_always_eager and task_eager_propagates on."""
-    celery_app.conf.update(task_always_eager=True, task_eager_propagates=True)
-    yield celery_app
-    celery_app.conf.update(task_always_eager=False, task_eager_propagates=False)
 
 
 @pytest.fixture

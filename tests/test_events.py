@@ -22,13 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def eager(celery_app: Celery) -> Iterator[Celery]:
-    celery_app.conf.update(task_always_eager=True, task_eager_propagates=True)
-    yield celery_app
-    celery_app.conf.update(task_always_eager=False, task_eager_propagates=False)
-
-
-@pytest.fixture
 def received() -> Iterator[list[tuple[str, dict[str, Any]]]]:
     """What lock_released and lock_taken_over said while the test ran."""
     heard: list[tuple[str, dict[str, Any]]] = []

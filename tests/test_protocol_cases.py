@@ -22,7 +22,7 @@ from celery_unique.lock import running_marker_key
 from celery_unique.testing import RedisServer
 from tests.conftest import wait_until
 from tests.lifecycle_app import QUEUE
-from tests.lifecycle_support import REDELIVER, Lifecycle, events, lock_of, stored, wait_event
+from tests.lifecycle_support import REDELIVER, Lifecycle, events, lock_of, park, stored, wait_event
 from tests.versions import QUICK_REDELIVERY, needs_quick_redelivery
 
 pytestmark = pytest.mark.slow
@@ -148,11 +148,6 @@ def rpc_life(redis_server: RedisServer) -> Lifecycle:
     life = Lifecycle.on(redis_server)
     life.backend = "rpc://"
     return life
-
-
-def park(app: Any, x: int) -> Any:
-    """Hold ``double(x)``'s lock with a task that waits a minute before it runs."""
-    return app.tasks["life.double"].apply_async((x,), unique=60, countdown=60)
 
 
 def test_rpc_refused_chain_link_fails_the_chain_at_once(rpc_life: Lifecycle, tmp_path: Path) -> None:
