@@ -42,7 +42,9 @@ def _started(pid: int) -> str:
     """When process ``pid`` started, in clock ticks since boot; "" if there is no such process."""
     stat = _read(f"/proc/{pid}/stat")
     if stat:
-        return stat.rpartition(")")[2].split()[19]
+        fields = stat.rpartition(")")[2].split()
+        # A zombie (killed, its parent gone too, not yet reaped) is dead.
+        return "" if fields[0] in ("Z", "X") else fields[19]
     if os.path.isdir("/proc/self"):
         return ""  # Linux, and no such process
     try:
