@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
@@ -9,9 +10,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore
-from celery.result import AsyncResult
+from celery.result import AsyncResult, EagerResult
 
 from . import events
 from .canvas import in_hand_over, record_refusal, replacement_of
@@ -47,6 +48,10 @@ __all__ = ["LOCK_HEADER", "UniqueTask"]
 logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
+# Set while UniqueTask.apply() takes its lock: the task runs here and now.
+_running_here: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "celery_unique_running_here", default=False
+)
 # Headers that schedulers put on the tasks they send: Celery beat (5.4+) and
 # django-celery-beat (its scheduler and its admin's "Run selected tasks").
 _SCHEDULE_HEADERS = (BEAT_HEADER, "periodic_task_name")
@@ -204,9 +209,13 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         _drop_own_headers(call_options)
         if ttl is None:
             return run_here(call_options["headers"])
-        locked = self._lock(
-            args, kwargs, task_id, call_options, ttl, requested, from_schedule, link, link_error
-        )
+        token = _running_here.set(True)
+        try:
+            locked = self._lock(
+                args, kwargs, task_id, call_options, ttl, requested, from_schedule, link, link_error
+            )
+        finally:
+            _running_here.reset(token)
         if isinstance(locked, AsyncResult):
             return locked
         _, _, task_id = locked
@@ -412,8 +421,9 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
             return store, key, task_id
         # A refused call someone may wait on: its id was chosen before the call
         # (a chain link, a group or chord member, a chord body, a frozen
-        # signature), or it carries callbacks that would otherwise be dropped.
-        awaited = chosen_id is not None or bool(link or link_error)
+        # signature), it carries callbacks that would otherwise be dropped, or
+        # apply() runs it here and now.
+        awaited = chosen_id is not None or bool(link or link_error) or _running_here.get()
         return self._on_duplicate(
             unique, holder, key, args, kwargs, from_schedule,
             task_id if awaited else None, options, link, link_error,
@@ -537,6 +547,11 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         # Beat would log a duplicate as a scheduling ERROR with a traceback on
         # every tick; for a scheduler a duplicate is expected, so it is only logged.
         if unique.on_duplicate == "existing" or from_schedule:
+            if refused_id is not None and (_running_here.get() or self._get_app().conf.task_always_eager):
+                # An eager canvas waits on each member's result here and now:
+                # the refused member's is its failure, never the holder's
+                # result, which a worker may take hours to produce.
+                return EagerResult(refused_id, DuplicateTaskError(self.name, holder, key), states.FAILURE)
             return self.AsyncResult(holder)
         # Raised as it is made: an exception held in a local of this frame
         # would, through its traceback, form a cycle kept until a full GC.

@@ -80,3 +80,27 @@ def test_apply_takes_the_lock_as_apply_async_does(
     holds.apply_async((7,), unique=60, countdown=60)
     with pytest.raises(DuplicateTaskError):
         holds.apply((7,), unique=60)
+
+
+def test_eager_chain_whose_first_step_is_refused_fails_at_once(eager: Celery, eager_tasks: Any) -> None:
+    """Eagerly, a chain whose first step is refused with "existing" raises at once instead of waiting."""
+    holds, _ = eager_tasks
+    eager.conf.task_always_eager = False
+    holds.apply_async((5,), unique=60, countdown=60)  # a holder a worker would run in a minute
+    eager.conf.task_always_eager = True
+    with pytest.raises(DuplicateTaskError):
+        chain(holds.s(5).set(unique=60, on_duplicate="existing"), holds.s()).apply_async()
+
+
+def test_eager_group_member_refused_fails_at_once(eager: Celery, eager_tasks: Any) -> None:
+    """Eagerly, a group member refused with "existing" is a failed result at once; the others run."""
+    holds, _ = eager_tasks
+    eager.conf.task_always_eager = False
+    holds.apply_async((6,), unique=60, countdown=60)
+    eager.conf.task_always_eager = True
+    refused, other = group(
+        holds.s(6).set(unique=60, on_duplicate="existing"), holds.s(7).set(unique=60)
+    ).apply_async().results
+    with pytest.raises(DuplicateTaskError):
+        refused.get(timeout=1)
+    assert other.get(timeout=1) == 8
