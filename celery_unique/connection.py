@@ -67,9 +67,11 @@ def connect(target: StoreTarget, socket_timeout: float) -> Any:
     # producer running hundreds of greenlets shares a few connections
     # instead of opening one per greenlet.
     limit = kwargs.pop("max_connections", MAX_CONNECTIONS)
-    return redis.Redis(
-        connection_pool=redis.BlockingConnectionPool(max_connections=limit, timeout=socket_timeout, **kwargs)
+    # redis-py 8 leaves BlockingConnectionPool's __init__ unannotated.
+    pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call,unused-ignore]
+        max_connections=limit, timeout=socket_timeout, **kwargs
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def _retry_once() -> Retry:
