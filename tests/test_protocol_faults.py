@@ -1,13 +1,15 @@
-"""Faults the lock protocol must ride out: a keeper on a Cluster, a lock store that blinks.
+"""Faults the lock protocol must ride out: a keeper on a Cluster, a store that blinks, a lost reply.
 
 Each test provokes its fault with real parts: a 3-primary Redis Cluster
-(``tests/cluster_support.py``) and a lock-store ``redis-server`` stopped and
-started again under a running task. Workers are real prefork workers
+(``tests/cluster_support.py``), a lock-store ``redis-server`` stopped and
+started again under a running task, and a proxy that loses one reply
+(``tests/reply_dropper.py``). Workers are real prefork workers
 (``tests/lifecycle_support.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,18 +18,32 @@ from typing import Any
 
 import pytest
 import redis
-from celery import states
+from celery import Celery, states
 from redis.crc import key_slot
 
-from celery_unique import DuplicateTaskError
-from celery_unique.lock import running_marker_key
+from celery_unique import DuplicateTaskError, UniqueTask
+from celery_unique.config import lock_store
+from celery_unique.lock import LockStore, running_marker_key
 from celery_unique.testing import RedisServer
 from tests.cluster_support import SLOTS, LocalCluster
-from tests.conftest import BROKER_DB, RESULT_DB, wait_until
+from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB, wait_until
 from tests.lifecycle_support import REDELIVER, SCRATCH_DB, Lifecycle, events, lock_of, stored, wait_event
+from tests.reply_dropper import ReplyDropper
 
 #: unique_running_ttl of the marked runs below (REDELIVER's): renewed every third of it.
 RUNNING_TTL = REDELIVER["unique_running_ttl"]
+
+
+def sha(script: str) -> bytes:
+    """The SHA1 digest Redis names ``script`` by, as EVALSHA sends it."""
+    return hashlib.sha1(script.encode()).hexdigest().encode()
+
+
+def load_scripts(client: redis.Redis) -> None:
+    """Load every lock-store script, so that the first EVALSHA of each runs (no NOSCRIPT reply)."""
+    for name in dir(LockStore):
+        if name.endswith("_SCRIPT"):
+            client.script_load(getattr(LockStore, name))
 
 
 def running(client: Any, marker: str) -> bytes | None:
@@ -151,3 +167,41 @@ def test_keeper_logs_a_store_that_blinks_and_puts_the_marker_back(
             scratch.set("go:blink", 1)
             assert result.get(timeout=20) == "blink"
         assert "Traceback" not in log.read_text()
+
+
+# -- a lost reply -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task_id", [None, "chosen-8"], ids=["generated id", "chosen id"])
+def test_take_over_whose_reply_was_lost_holds_the_lock_and_publishes_once(
+    redis_server: RedisServer, broker: redis.Redis, task_id: str | None
+) -> None:
+    """A take-over of a finished holder whose reply was lost is resent, holds the lock and publishes once."""
+    with ReplyDropper(redis_server.port) as dropper:
+        app = Celery("take-over", set_as_current=False)
+        app.conf.update(
+            broker_url=redis_server.url(BROKER_DB),
+            result_backend=redis_server.url(RESULT_DB),
+            unique_redis_url=f"redis://127.0.0.1:{dropper.port}/{LOCK_DB}",
+            broker_connection_retry_on_startup=False,
+            task_default_queue="celery",
+        )
+
+        @app.task(base=UniqueTask, name="tests.take_over.report", shared=False)
+        def report(user_id: int) -> int:
+            return user_id
+
+        key = report.lock_key((1,), {}, {})
+        # A holder that finished without releasing its lock (its worker did
+        # not import celery_unique): the lock, and its SUCCESS.
+        assert lock_store(app).acquire(key, "finished-holder", 60_000) is None
+        app.backend.mark_as_done("finished-holder", 1)
+        load_scripts(redis_server.client(LOCK_DB))
+        dropper.arm(b"EVALSHA", sha(LockStore.TAKE_OVER_SCRIPT))
+
+        result: Any = report.apply_async((1,), task_id=task_id, unique=60)
+
+        assert dropper.dropped.is_set(), "no reply was dropped: the test did not lose the take-over's reply"
+        assert redis_server.client(LOCK_DB).get(key) == result.id.encode()
+        assert broker.llen("celery") == 1
+        assert app.backend.get_task_meta(result.id, cache=False)["status"] == states.PENDING
