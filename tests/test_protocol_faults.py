@@ -1,15 +1,19 @@
-"""Faults the lock protocol must ride out: a keeper on a Cluster, a store that blinks, a lost reply.
+"""Faults the lock protocol must ride out: a keeper on a Cluster, a store that blinks, a lost reply, gevent.
 
 Each test provokes its fault with real parts: a 3-primary Redis Cluster
 (``tests/cluster_support.py``), a lock-store ``redis-server`` stopped and
-started again under a running task, and a proxy that loses one reply
-(``tests/reply_dropper.py``). Workers are real prefork workers
+started again under a running task, a proxy that loses one reply
+(``tests/reply_dropper.py``), and a producer patched by gevent in a
+subprocess of its own. Workers are real prefork workers
 (``tests/lifecycle_support.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +27,7 @@ from redis.crc import key_slot
 
 from celery_unique import DuplicateTaskError, UniqueTask
 from celery_unique.config import lock_store
+from celery_unique.connection import MAX_CONNECTIONS
 from celery_unique.lock import LockStore, running_marker_key
 from celery_unique.testing import RedisServer
 from tests.cluster_support import SLOTS, LocalCluster
@@ -30,6 +35,7 @@ from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB, wait_until
 from tests.lifecycle_support import REDELIVER, SCRATCH_DB, Lifecycle, events, lock_of, stored, wait_event
 from tests.reply_dropper import ReplyDropper
 
+ROOT = Path(__file__).resolve().parent.parent
 #: unique_running_ttl of the marked runs below (REDELIVER's): renewed every third of it.
 RUNNING_TTL = REDELIVER["unique_running_ttl"]
 
@@ -205,3 +211,32 @@ def test_take_over_whose_reply_was_lost_holds_the_lock_and_publishes_once(
         assert redis_server.client(LOCK_DB).get(key) == result.id.encode()
         assert broker.llen("celery") == 1
         assert app.backend.get_task_meta(result.id, cache=False)["status"] == states.PENDING
+
+
+# -- gevent -----------------------------------------------------------------------------------------
+
+
+def test_gevent_producer_shares_a_few_lock_store_connections(
+    redis_server: RedisServer, broker: redis.Redis
+) -> None:
+    """300 greenlets of a gevent-patched producer enqueue 300 calls over about MAX_CONNECTIONS connections."""
+    calls = 300
+    with RedisServer() as lock_server:
+        client = lock_server.client()
+        before = int(client.info("stats")["total_connections_received"])
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.gevent_producer", redis_server.url(BROKER_DB), lock_server.url(0),
+             str(calls)],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+            timeout=60, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-1] == str(calls)
+        opened = int(client.info("stats")["total_connections_received"]) - before
+        assert client.dbsize() == calls
+        assert broker.llen("celery") == calls
+        # The enqueue path's own connections, never more out at once than
+        # MAX_CONNECTIONS, and room for a pooled one or two.
+        assert opened <= MAX_CONNECTIONS + 5, f"{opened} lock-store connections for {calls} greenlets"
+        print(f"\ngevent producer: {calls} unique calls from {calls} greenlets over {opened} connections")
+        client.close()
