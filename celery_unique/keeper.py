@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .perprocess import per_process
@@ -45,7 +46,7 @@ class Keeper:
             self._start()
 
     def discard(self, marker: str) -> None:
-        """Stop renewing ``marker``; returns once no renewal of it is under way."""
+        """Stop renewing ``marker``."""
         with self._lock:
             self._markers.pop(marker, None)
 
@@ -66,10 +67,6 @@ class Keeper:
         with self._lock:
             return len(self._markers) + len(self._pending)
 
-    def _renew(self) -> None:
-        ttl_ms = int(self._state.config.running_ttl * 1000)
-        self._state.store.heartbeat(list(self._markers.items()), ttl_ms)
-
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="celery-unique-keeper", daemon=True)
@@ -78,21 +75,28 @@ class Keeper:
     def _loop(self) -> None:
         ttl = self._state.config.running_ttl
         next_renewal = time.monotonic() + ttl / 3
-        with self._lock:
-            while True:
+        while True:
+            with self._lock:
                 now = time.time()
                 due = [key for key, (when, _) in self._pending.items() if when <= now]
-                # Held through each step: a run that ends waits in discard()
-                # or cancel() until it is done, so a renewal never puts back a
-                # marker that the run's end has just removed.
+                # Marks are made holding the lock: a run that ends waits in
+                # cancel() until its mark is done, so no run is marked after
+                # its end.
                 for key in due:
                     _, mark = self._pending.pop(key)
                     if not _quietly(mark, "mark a running task"):
                         self._pending[key] = (now + 1, mark)
-                if time.monotonic() >= next_renewal:
-                    next_renewal = time.monotonic() + ttl / 3
-                    if self._markers:
-                        _quietly(self._renew, "renew markers")
+                renew = time.monotonic() >= next_renewal
+                markers = list(self._markers.items()) if renew else []
+            # Renewed without the lock, so that no run's end waits behind a
+            # lock store that is slow to answer. A renewal never undoes an
+            # end: an ended marker no longer holds the value renewed, and a
+            # deadline passed deletes instead (HEARTBEAT_SCRIPT).
+            if renew:
+                next_renewal = time.monotonic() + ttl / 3
+                if markers:
+                    _quietly(partial(self._state.store.heartbeat, markers, int(ttl * 1000)), "renew markers")
+            with self._lock:
                 wait = next_renewal - time.monotonic()
                 if self._pending:
                     wait = min(wait, min(when for when, _ in self._pending.values()) - time.time())

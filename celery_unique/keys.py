@@ -48,6 +48,7 @@ __all__ = [
     "call_digest",
     "canonical_text",
     "format_key",
+    "former_marker_key",
     "key_head",
     "marker_key",
     "parse_key",
@@ -111,6 +112,17 @@ def marker_key(lock_key: str, task_id: str) -> str:
     """
     prefix = lock_key.rsplit(":", 3)[0]
     return f"{prefix}:run:{{{lock_key}}}:{task_id}"
+
+
+def former_marker_key(lock_key: str, task_id: str) -> str:
+    """Return the key of ``task_id``'s former incarnation's marker: ``<prefix>:was:{<lock key>}:<id>``.
+
+    When a caller-chosen id is enqueued again, its new incarnation's marker
+    takes the place of the old one's; the old "ended" or "revoked" marker
+    moves here, so that a late copy of the old incarnation is still dropped.
+    """
+    prefix = lock_key.rsplit(":", 3)[0]
+    return f"{prefix}:was:{{{lock_key}}}:{task_id}"
 
 
 def key_head(prefix: str, queue: str, task_name: str) -> str:

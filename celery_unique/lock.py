@@ -43,7 +43,7 @@ import redis
 from redis.exceptions import NoScriptError
 from redis.sentinel import SentinelConnectionPool
 
-from .keys import marker_key
+from .keys import former_marker_key, marker_key
 
 __all__ = [
     "AcquireError",
@@ -133,6 +133,16 @@ local function until_deadline(key, value, dl, now, cap)
         redis.call('DEL', key)
     end
 end
+-- A new incarnation of a chosen id takes the marker's place: an "ended" or
+-- "revoked" marker of another incarnation moves to the former key, until
+-- its own deadline, so that late copies of that incarnation stay dropped.
+local function set_aside(marker, former, nonce, now)
+    local value = redis.call('GET', marker)
+    local f = parse(value)
+    if f and f.nonce ~= nonce and (f.s == 'd' or f.s == 'x') and f.dl then
+        until_deadline(former, value, f.dl, now, nil)
+    end
+end
 local function deadline(lock, task_id, f, now)
     if f and f.dl then return f.dl end
     if redis.call('GET', lock) == task_id then
@@ -152,6 +162,8 @@ class LockStore:
     # KEYS[2] - (caller-chosen id only) marker of ARGV[1], set to "queued":
     #           the id may have run before, and what it stored then is not
     #           this incarnation's
+    # KEYS[3] - (caller-chosen id only) former-incarnation key of ARGV[1],
+    #           where an ended or revoked marker of another incarnation moves
     # ARGV[1] - task id that wants the lock
     # ARGV[2] - time to live in milliseconds
     # ARGV[3] - (caller-chosen id only) the incarnation's nonce
@@ -163,8 +175,16 @@ class LockStore:
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     if KEYS[2] then
         local t = redis.call('TIME')
-        local dl = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-        redis.call('SET', KEYS[2], 'q|0|0|' .. ARGV[3] .. '|' .. dl, 'PX', ARGV[2])
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local old = redis.call('GET', KEYS[2])
+        if old and string.sub(old, 1, 1) ~= 'q' and string.sub(old, 1, 1) ~= 'r' then
+            -- an ended or revoked former incarnation: kept aside until its deadline
+            local dl = tonumber(string.match(old, '^%a|%d+|%d+|[^|]*|(%d+)'))
+            if dl and dl > now then
+                redis.call('SET', KEYS[3], old, 'PX', dl - now)
+            end
+        end
+        redis.call('SET', KEYS[2], 'q|0|0|' .. ARGV[3] .. '|' .. (now + tonumber(ARGV[2])), 'PX', ARGV[2])
     end
     return false
 end
@@ -186,6 +206,7 @@ return holder
     #
     # KEYS[1] - lock key
     # KEYS[2] - marker of the task id
+    # KEYS[3] - former-incarnation key of the task id (see ACQUIRE_SCRIPT)
     # ARGV[1..4] - task id, nesting, retries, nonce (the copy's attempt)
     # ARGV[5] - owner: "<worker node>/<pid>[.<thread>]"
     # ARGV[6] - proof of the owner's life: "<machine>:<process start>"
@@ -204,6 +225,13 @@ local now = now_ms()
 local marker = redis.call('GET', KEYS[2])
 local f = parse(marker)
 if f and f.nonce ~= ARGV[4] then
+    -- Another incarnation of the id holds the marker: this copy's own may
+    -- have ended or been revoked (see ACQUIRE_SCRIPT), else it runs unmarked.
+    local w = parse(redis.call('GET', KEYS[3]))
+    if w and w.nonce == ARGV[4] then
+        if w.s == 'x' then return {'drop'} end
+        if w.s == 'd' and (newer(w, n, k) or same(w, n, k)) then return {'skip'} end
+    end
     return {'stray'}
 end
 if f then
@@ -241,16 +269,21 @@ return {'run', value}
     # ARGV[7] - "1" to leave a "done" marker until the lock's deadline (a copy
     #           of the message may exist), "" to leave none
     # return 1 if the lock was released, otherwise 0. Nothing is touched
-    #        while another copy runs, a newer attempt is pending, or another
-    #        incarnation of the id holds it.
+    #        while another copy of this attempt runs, a newer attempt is
+    #        pending, or another incarnation of the id holds it; the older
+    #        attempt that published this one (a retry) is only finishing.
     END_SCRIPT = _PRELUDE + """
 local n, k = tonumber(ARGV[2]), tonumber(ARGV[3])
 local marker = redis.call('GET', KEYS[2])
 local f = parse(marker)
+local older = false
 if f then
     if f.nonce ~= ARGV[4] or newer(f, n, k) then return 0 end
-    if f.s == 'r' and not (same(f, n, k) and f.owner == ARGV[5]) then return 0 end
+    -- A copy of this attempt that runs elsewhere keeps the lock; the older
+    -- attempt that published this one is only finishing.
+    if f.s == 'r' and same(f, n, k) and f.owner ~= ARGV[5] then return 0 end
     if f.s == 'x' then return 0 end
+    older = not same(f, n, k)
 end
 local now = now_ms()
 local dl = deadline(KEYS[1], ARGV[1], f, now)
@@ -270,7 +303,7 @@ if ARGV[6] == 'release' and redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 if ARGV[7] == '1' and dl then
     until_deadline(KEYS[2], state('d', n, k, ARGV[4], dl), dl, now, nil)
-elseif f then
+elseif f and not older then
     redis.call('DEL', KEYS[2])
 end
 return released
@@ -293,7 +326,7 @@ return 1
 
     # Release the lock of a copy that will not run (revoked, expired, purged,
     # or a lock taken for a message that was never published), unless a copy
-    # of the id runs or a newer attempt of it is pending.
+    # of its attempt runs or a newer attempt of it is pending.
     #
     # KEYS[1] - lock key
     # KEYS[2] - marker of the task id
@@ -304,7 +337,7 @@ return 1
     DISCARD_SCRIPT = _PRELUDE + """
 local n, k = tonumber(ARGV[2]), tonumber(ARGV[3])
 local f = parse(redis.call('GET', KEYS[2]))
-if f and (f.nonce ~= ARGV[4] or f.s == 'r' or newer(f, n, k)) then
+if f and (f.nonce ~= ARGV[4] or newer(f, n, k) or (f.s == 'r' and same(f, n, k))) then
     return 0
 end
 local now = now_ms()
@@ -352,6 +385,7 @@ return 1
     # KEYS[1] - lock key
     # KEYS[2] - marker of the holder
     # KEYS[3] - (caller-chosen new id only) marker of ARGV[2], set to "queued"
+    # KEYS[4] - (caller-chosen new id only) former-incarnation key of ARGV[2]
     # ARGV[1] - the holder's task id
     # ARGV[2] - the new holder's task id, or "" to delete the lock
     # ARGV[3] - time to live in milliseconds of the new holder's lock
@@ -380,7 +414,9 @@ else
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 if KEYS[3] then
-    redis.call('SET', KEYS[3], 'q|0|0|' .. ARGV[4] .. '|' .. (now_ms() + tonumber(ARGV[3])), 'PX', ARGV[3])
+    local now = now_ms()
+    set_aside(KEYS[3], KEYS[4], ARGV[4], now)
+    redis.call('SET', KEYS[3], 'q|0|0|' .. ARGV[4] .. '|' .. (now + tonumber(ARGV[3])), 'PX', ARGV[3])
 end
 return false
 """
@@ -419,7 +455,8 @@ return false
             keys: tuple[str, ...] = (key,)
             args: tuple[str | int, ...] = (task_id, ttl_ms)
         else:
-            keys, args = (key, marker_key(key, task_id)), (task_id, ttl_ms, nonce)
+            keys = (key, marker_key(key, task_id), former_marker_key(key, task_id))
+            args = (task_id, ttl_ms, nonce)
         if self._own is None:
             try:
                 return _text(self._call(self._acquire, keys, args))
@@ -443,7 +480,7 @@ return false
         keys = [key, marker_key(key, holder)]
         args: list[str | int] = [holder, task_id, ttl_ms]
         if nonce is not None and task_id:
-            keys.append(marker_key(key, task_id))
+            keys += [marker_key(key, task_id), former_marker_key(key, task_id)]
             args.append(nonce)
         return _text(self._call(self._take_over, keys, args))
 
@@ -470,7 +507,7 @@ return false
         evict: str = "",
     ) -> list[Any]:
         """Mark a copy running (see BEGIN_SCRIPT); return the verdict and its details."""
-        keys = (key, marker_key(key, attempt.task_id))
+        keys = (key, marker_key(key, attempt.task_id), former_marker_key(key, attempt.task_id))
         args = [*attempt.args(), owner, proof, marker_ttl_ms, "1" if release else "", evict]
         reply = self._call(self._begin, keys, args)
         return [_text(part) if isinstance(part, bytes) else part for part in reply]

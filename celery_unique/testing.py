@@ -184,17 +184,22 @@ class RedisServer:
 class LockDatabase(redis.Redis):
     """A client on the lock store's database whose ``keys()`` and ``dbsize()`` see locks only.
 
-    While a task runs, and for a short while after, its worker keeps a running
-    marker beside its lock (``{<lock key>}:run:<task id>``, see
-    ``celery_unique.lock``); tests that count locks look past them.
+    A marked run keeps a marker beside its lock (``<prefix>:run:{<lock
+    key>}:<task id>``, and ``<prefix>:was:{...}`` for a former incarnation of
+    a chosen id; see docs/protocol.md); tests that count locks look past them.
     ``LockDatabase.from_url(url)`` works as for ``redis.Redis``.
     """
 
     def keys(self, pattern: Any = "*", **kwargs: Any) -> Any:
-        return [key for key in super().keys(pattern, **kwargs) if key[:1] not in (b"{", "{")]
+        return [key for key in super().keys(pattern, **kwargs) if not _is_marker(key)]
 
     def dbsize(self, **kwargs: Any) -> int:
         return len(self.keys())
+
+
+def _is_marker(key: Any) -> bool:
+    text = key.decode() if isinstance(key, bytes) else str(key)
+    return ":run:{" in text or ":was:{" in text
 
 
 def clear_locks(app: Any) -> int:

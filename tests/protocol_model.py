@@ -76,6 +76,9 @@ class Incarnation:
     revoked: bool = False
     #: Its lock's TTL passed (or the lock was taken over): best effort from then on.
     expired: bool = False
+    #: Its chosen id was enqueued again: a copy of an attempt of it that ended
+    #: or was revoked is still dropped; any other copy runs unmarked.
+    superseded: bool = False
     #: The state the result backend holds.
     stored: str | None = None
     ended_attempts: set[tuple[int, int]] = field(default_factory=set)
@@ -96,6 +99,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         for name, script in self.mutations.items():
             setattr(self.store, name, self.client.register_script(script))
         self.copies: list[Copy] = []
+        #: Copies that published a retry, and whether they raise it (throw).
+        self.pending_throw: dict[int, bool] = {}
         self.calls: dict[tuple[str, str], Incarnation] = {}
         self.numbers = itertools.count()
         self.generated = itertools.count()
@@ -158,15 +163,27 @@ class ProtocolMachine(RuleBasedStateMachine):
             return
         for (other, _), call in self.calls.items():
             if other == task_id:
-                call.expired = True  # a reused id: the old incarnation's lock is gone
+                # A reused id: the old incarnation's lock is gone. Its ended or
+                # revoked state is kept aside for one incarnation, no more.
+                call.expired = call.expired or call.superseded
+                call.superseded = True
         self.calls[(task_id, nonce)] = Incarnation(task_id, nonce)
         self.new_copy(task_id, nonce)
 
+    def finished_holder(self) -> Incarnation | None:
+        """The current incarnation holding the lock, if the result backend says it finished."""
+        held = self.holder()
+        for call in self.calls.values():
+            if call.task_id == held and not (call.expired or call.superseded):
+                return call if call.stored in ("SUCCESS", "FAILURE") else None
+        return None
+
+    @precondition(lambda self: self.finished_holder() is not None)
     @rule(resend=st.booleans())
     def holder_check(self, resend: bool) -> None:
         """A refused call takes a finished holder's lock over, as the producer does."""
         held = self.holder()
-        holders = [c for c in self.calls.values() if c.task_id == held and not c.expired]
+        holders = [c for c in self.calls.values() if c.task_id == held and not (c.expired or c.superseded)]
         if not holders or holders[0].stored not in ("SUCCESS", "FAILURE"):
             return
         call = holders[0]
@@ -224,8 +241,12 @@ class ProtocolMachine(RuleBasedStateMachine):
             self.assert_may_run(copy, "BEGIN said run")
             copy.state, copy.marker = "running", str(reply[1])
         elif verdict == "stray":
-            # The lock is gone and no marker says why: only its TTL can have done that.
-            assert call.expired, f"{copy} ran unmarked (stray) though its lock's TTL has not passed"
+            # The lock is gone and no marker says why: only its TTL can have
+            # done that, or a newer incarnation of the id took it.
+            ended = (copy.nesting, copy.retries) in call.ended_attempts or call.revoked
+            assert call.expired or (call.superseded and not ended), (
+                f"{copy} ran unmarked (stray) though its lock's TTL has not passed"
+            )
             copy.state, copy.stray = "running", True
         elif verdict == "wait":
             running = [
@@ -300,9 +321,22 @@ class ProtocolMachine(RuleBasedStateMachine):
         call = self.call_of(copy)
         attempt = (copy.nesting, copy.retries + 1)
         self.new_copy(copy.task_id, copy.nonce, nesting=attempt[0], retries=attempt[1], marked=marked)
-        self.store.continue_(KEY, Attempt(copy.task_id, *attempt, copy.nonce))
         call.latest = max(call.latest, attempt)
-        call.stored = "RETRY" if throw else "SUCCESS"
+        # The retry is published; CONTINUE follows (``continued``), and the
+        # retry may begin, even end, in between.
+        copy.state = "continuing"
+        self.pending_throw[copy.number] = throw
+
+    @precondition(lambda self: self.copies_in("continuing"))
+    @rule(data=st.data())
+    def continued(self, data: st.DataObject) -> None:
+        """The attempt that published a retry says so (CONTINUE); its body then returns."""
+        copy = data.draw(st.sampled_from(self.copies_in("continuing")))
+        call = self.call_of(copy)
+        self.store.continue_(KEY, Attempt(copy.task_id, copy.nesting, copy.retries + 1, copy.nonce))
+        throw = self.pending_throw.pop(copy.number)
+        if call.latest == (copy.nesting, copy.retries + 1):
+            call.stored = "RETRY" if throw else "SUCCESS"
         copy.state = "ended"  # its end sends nothing
         call.ended_attempts.add((copy.nesting, copy.retries))
 
@@ -350,11 +384,12 @@ class ProtocolMachine(RuleBasedStateMachine):
         if purge and released:
             call.revoked = True  # purged: its other copies are dropped
 
+    @precondition(lambda self: self.finished_holder() is not None)
     @rule()
     def reap(self) -> None:
         """The reaper releases a finished holder's lock (TAKE_OVER with no new id)."""
         held = self.holder()
-        holders = [c for c in self.calls.values() if c.task_id == held and not c.expired]
+        holders = [c for c in self.calls.values() if c.task_id == held and not (c.expired or c.superseded)]
         finished = bool(holders) and holders[0].stored in ("SUCCESS", "FAILURE")
         if finished and self.store.take_over(KEY, held, "", 0) is None:
             self.assert_nothing_pending(holders[0], "the reaper")
@@ -362,6 +397,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     # -- time -----------------------------------------------------------------------------------
 
+    @precondition(lambda self: any(c.marker for c in self.copies))
     @rule(seconds=st.sampled_from((40, 120)))
     def time_passes(self, seconds: int) -> None:
         """Seconds pass, fewer than the lock's TTL: live markers are renewed, shorter-lived keys expire."""

@@ -1,7 +1,7 @@
-"""Cases where the lock scripts break an invariant of docs/protocol.md, run on a real redis-server.
+"""Two edges of the protocol where the scripts once broke an invariant of docs/protocol.md.
 
-Each is marked ``xfail(strict=True)``: it fails today, and passes (failing
-the suite until the mark goes) once the scripts keep the invariant.
+A chosen id enqueued again while a copy of its former incarnation may still
+come, and a retry that ends before the attempt that sent it says so.
 """
 
 from __future__ import annotations
@@ -23,11 +23,6 @@ def store(redis_server: RedisServer) -> LockStore:
     return LockStore(redis.Redis(host=redis_server.host, port=redis_server.port, db=LOCK_DB))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ACQUIRE_SCRIPT overwrites the earlier incarnation's 'ended' or 'revoked' marker with the "
-    "new one's 'queued' marker, and BEGIN_SCRIPT then runs the earlier incarnation's copy as 'stray'",
-)
 @pytest.mark.parametrize("ending", ["ended", "revoked"])
 def test_reusing_a_chosen_id_keeps_dropping_copies_of_its_earlier_incarnation(
     store: LockStore, ending: str
@@ -48,11 +43,6 @@ def test_reusing_a_chosen_id_keeps_dropping_copies_of_its_earlier_incarnation(
     assert store.begin(KEY, first, "w2/2", "m:2", MARKER_TTL_MS)[0] == dropped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="END_SCRIPT keeps the lock while the attempt that published the retry still holds its "
-    "'running' marker, and CONTINUE_SCRIPT then marks the ended retry 'queued' until the TTL",
-)
 def test_retry_that_ends_before_its_continue_releases_the_lock(store: LockStore) -> None:
     """An unmarked retry that succeeds before its marked parent's CONTINUE still releases the lock."""
     parent, retry = Attempt("gen-1"), Attempt("gen-1", retries=1)
