@@ -275,9 +275,12 @@ class ProtocolMachine(RuleBasedStateMachine):
         call = self.call_of(copy)
         if call.expired:
             return
+        # A continuing copy has published its retry or replacement: only a
+        # copy of that same attempt would run its body twice.
         others = [
-            c for c in self.copies_in("running", "ending")
+            c for c in self.copies_in("running", "continuing", "ending")
             if c.task_id == copy.task_id and c.nonce == copy.nonce and not c.stray and c is not copy
+            and (c.state != "continuing" or c.attempt_key == copy.attempt_key)
         ]
         assert not others, f"{how}: {copy} runs beside {others}"
         assert (copy.nesting, copy.retries) not in call.ended_attempts, f"{how}: {copy} ran again"
@@ -340,11 +343,11 @@ class ProtocolMachine(RuleBasedStateMachine):
         copy.state = "ended"  # its end sends nothing
         call.ended_attempts.add((copy.nesting, copy.retries))
 
-    @precondition(lambda self: self.copies_in("running", "ending"))
+    @precondition(lambda self: self.copies_in("running", "continuing", "ending"))
     @rule(data=st.data())
     def crash(self, data: st.DataObject) -> None:
         """A worker dies mid-run: its marker is renewed no more, and nothing ends the run."""
-        copy = data.draw(st.sampled_from(self.copies_in("running", "ending")))
+        copy = data.draw(st.sampled_from(self.copies_in("running", "continuing", "ending")))
         copy.state = "crashed"
 
     @precondition(lambda self: [c for c in self.copies_in("crashed") if not c.stray])
@@ -360,11 +363,11 @@ class ProtocolMachine(RuleBasedStateMachine):
             self.call_of(copy).ended_attempts.add((copy.nesting, copy.retries))
             self.store.end(KEY, copy.attempt, copy.owner, KEEP, leave_done=True)
 
-    @precondition(lambda self: self.copies_in("running", "ending"))
+    @precondition(lambda self: self.copies_in("running", "continuing", "ending"))
     @rule()
     def heartbeat(self) -> None:
         """The keepers of live marked copies renew their markers."""
-        live = self.copies_in("running", "ending")
+        live = self.copies_in("running", "continuing", "ending")
         markers = [(marker_key(KEY, c.task_id), c.marker) for c in live if c.marker]
         self.store.heartbeat(markers, MARKER_TTL_MS)
 
@@ -402,7 +405,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def time_passes(self, seconds: int) -> None:
         """Seconds pass, fewer than the lock's TTL: live markers are renewed, shorter-lived keys expire."""
         self.heartbeat()
-        alive = {c.marker for c in self.copies_in("running", "ending") if c.marker}
+        alive = {c.marker for c in self.copies_in("running", "continuing", "ending") if c.marker}
         for key in self.client.scan_iter(f"{PREFIX}:run:*"):
             value = (self.client.get(key) or b"").decode()
             if value not in alive and self.client.pttl(key) < seconds * 1000:

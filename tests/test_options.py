@@ -217,7 +217,7 @@ def test_task_duplicate_signal_and_log(
     assert event["sender"].name == "tests.send_report"
     assert (event["key"], event["task_id"]) == (info.value.key, first.id)
     assert (tuple(event["args"]), event["kwargs"]) == ((1,), {"period": "weekly"})
-    (record,) = [r for r in caplog.records if r.name == "celery_unique.task"]
+    (record,) = [r for r in caplog.records if r.name == "celery_unique"]
     assert record.levelno == logging.INFO
     assert first.id in record.getMessage()
     assert "tests.send_report" in record.getMessage()
