@@ -45,8 +45,10 @@ __all__ = [
 ]
 
 # How long a refused call waits, in all, for a marked holder that stored its
-# result to end its run: about 60 ms.
-_ENDING_PAUSES = (0.002, 0.004, 0.008, 0.016, 0.03)
+# result to end its run: about half a second, doubling from 2 ms. An end
+# normally follows its stored result within milliseconds; the tail covers a
+# worker that a busy machine does not schedule for a while.
+_ENDING_PAUSES = (0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25)
 
 #: unique_until -> the stored states of a holder that has finished.
 FINISHED: dict[str, frozenset[str]] = {
@@ -155,7 +157,12 @@ def take_over_if_finished(
     # a finished state and a running marker meet), never taken over: the
     # state might be an earlier attempt's (a retry with throw=False).
     for pause in _ENDING_PAUSES:
-        if answer != holder or not marker_says_running(store.marker(key, holder)):
+        if answer != holder:
+            break
+        if not marker_says_running(store.marker(key, holder)):
+            # The end may have come between the refusal and this read: the
+            # script, atomic, answers once more for the state as it is now.
+            answer = store.take_over(key, holder, task_id, ttl_ms, nonce)
             break
         time.sleep(pause)
         answer = store.take_over(key, holder, task_id, ttl_ms, nonce)

@@ -425,20 +425,26 @@ class ProtocolMachine(RuleBasedStateMachine):
     @invariant()
     def no_release_while_a_copy_runs(self) -> None:
         """Invariant 2: a task id whose marked copy runs still holds its lock (unless its TTL passed)."""
-        for copy in self.copies_in("running"):
-            if copy.stray or not self.live(copy):
-                continue
-            assert self.holder() == copy.task_id, f"{copy} runs without its lock: {self.holder()!r} holds it"
+        running = [c for c in self.copies_in("running") if not c.stray and self.live(c)]
+        holder = self.holder() if running else None
+        for copy in running:
+            assert holder == copy.task_id, f"{copy} runs without its lock: {holder!r} holds it"
 
     @invariant()
     def bounded_residue(self) -> None:
         """Invariant 5: every key starts with the prefix, has a TTL, and no marker outlives its deadline."""
-        now = self.client.time()
+        keys = list(self.client.scan_iter("*", count=1000))
+        # One round trip for every key's TTL and value: this runs after every step.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.time()
+        for key in keys:
+            pipe.pttl(key)
+            pipe.get(key)
+        now, *replies = pipe.execute()
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
-        for key in self.client.scan_iter("*"):
+        for key, ttl, value in zip(keys, replies[::2], replies[1::2]):
             assert key.decode().startswith(f"{PREFIX}:"), key
-            ttl = self.client.pttl(key)
             assert ttl > 0, f"{key!r} has no TTL ({ttl})"
             if key.decode() != KEY:
-                deadline = int((self.client.get(key) or b"").decode().split("|")[4])
+                deadline = int((value or b"").decode().split("|")[4])
                 assert ttl <= deadline - now_ms + 50, f"{key!r} outlives its lock's deadline"
