@@ -442,7 +442,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             pipe.get(key)
         now, *replies = pipe.execute()
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
-        for key, ttl, value in zip(keys, replies[::2], replies[1::2]):
+        for key, ttl, value in zip(keys, replies[::2], replies[1::2], strict=True):
             assert key.decode().startswith(f"{PREFIX}:"), key
             assert ttl > 0, f"{key!r} has no TTL ({ttl})"
             if key.decode() != KEY:
