@@ -35,7 +35,7 @@ test: $(STAMP)
 # `make test`, with fresh random seeds: SOAK_EXAMPLES runs of 40 steps.
 SOAK_EXAMPLES ?= 20000
 soak: $(STAMP)
-	PROTOCOL_SOAK_EXAMPLES=$(SOAK_EXAMPLES) $(BIN)/python -m pytest -p no:xdist -p no:randomly \
+	PROTOCOL_SOAK_EXAMPLES=$(SOAK_EXAMPLES) $(BIN)/python -m pytest -p no:xdist -p no:randomly --timeout=0 \
 		tests/test_protocol_model.py -k invariants_hold $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -5,15 +5,15 @@ finishes with it (``task_postrun``), so the body runs exactly as Celery runs
 it: no frame and no request of the package's own. Its end depends on the
 outcome and on ``unique_until``:
 
-==========================  ==================  ==================  ===============
-outcome                     "success"           "finish"            "start"
-==========================  ==================  ==================  ===============
-success                     released            released            released at start
-final failure               kept (TTL)          released            released at start
+==========================  ============  ============  =================  ===========
+outcome                     "success"     "finish"      "start"            "expiry"
+==========================  ============  ============  =================  ===========
+success                     released      released      released at start  kept (TTL)
+final failure               kept (TTL)    released      released at start  kept (TTL)
 retry, replace              continued by the new attempt
 ``Reject(requeue=True)``    kept: the message comes back and runs again
 ``Ignore``                  as the state the task stored itself (FAILURE: a failure)
-==========================  ==================  ==================  ===============
+==========================  ============  ============  =================  ===========
 
 Every release is owner-checked against the task id. Whether a run is
 *marked* (see :mod:`celery_unique.lock`) depends on whether a copy of its
@@ -269,6 +269,8 @@ class Run:
             return "the message comes back"
         if self.until == "start":
             return f"{celery_state}, released as it began" if celery_state else "released as it began"
+        if self.until == "expiry":
+            return f"{celery_state or 'a final failure'}; kept for its TTL under unique_until='expiry'"
         if outcome == KEEP:
             return f"{celery_state or 'a final failure'} under unique_until={self.until!r}"
         return (celery_state or "success").lower()
@@ -276,7 +278,7 @@ class Run:
     def outcome(self, celery_state: str | None, retval: Any) -> Outcome | None:
         """What the lock does at the end of a run that Celery finished with ``celery_state``."""
         if celery_state == states.SUCCESS:
-            return RELEASE
+            return settled(self.until, succeeded=True)
         if celery_state == states.RETRY and self.eager and getattr(retval, "sig", None) is not None:
             _eager_retry.set((self.task_id, self.attempt.retries + 1))
             return None  # Celery's apply() runs the retry at once, under this lock
@@ -290,7 +292,7 @@ class Run:
             # Celery's documented pattern stores a state itself, then ignores:
             # ``update_state(state=FAILURE, ...); raise Ignore()``.
             stored = self.stored if self.stored is not None else stored_state(self.task.backend, self.task_id)
-            return self._failed() if stored == states.FAILURE else RELEASE
+            return settled(self.until, succeeded=stored != states.FAILURE)
         if celery_state is None:
             if isinstance(sys.exc_info()[1], Exception):
                 return self._failed()  # eager, with task_eager_propagates: raised to the caller
@@ -301,7 +303,18 @@ class Run:
         return self._failed()  # FAILURE, or RETRY with nothing published
 
     def _failed(self) -> Outcome:
-        return RELEASE if self.until == "finish" else KEEP
+        return settled(self.until, succeeded=False)
+
+
+def settled(until: str, *, succeeded: bool) -> Outcome:
+    """The lock's outcome for a run that succeeded or failed for good, under ``unique_until``.
+
+    "expiry" is a throttle: the lock lives out its TTL whatever the run did.
+    ("start" released the lock as the run began; its end keeps nothing.)
+    """
+    if until == "expiry":
+        return KEEP
+    return RELEASE if succeeded or until == "finish" else KEEP
 
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from .options import UNTIL
+
 __all__ = [
     "HELD_HEADER",
     "LOCK_HEADER",
@@ -50,8 +52,6 @@ RECEIVED_KEY = "celery_unique_received"
 #: often forwarded from another task's request.
 OWN_HEADERS = (LOCK_HEADER, UNTIL_HEADER, NONCE_HEADER, REPLACES_HEADER, HELD_HEADER, RECEIVED_KEY)
 
-_UNTIL = ("success", "finish", "start")
-
 
 class Carried(NamedTuple):
     """The lock a message carries, as its headers say."""
@@ -76,4 +76,4 @@ def carried_by(headers: Mapping[str, Any] | None) -> Carried | None:
         return None
     until = headers.get(UNTIL_HEADER)
     nonce = headers.get(NONCE_HEADER)
-    return Carried(key, until if until in _UNTIL else "success", nonce if isinstance(nonce, str) else "")
+    return Carried(key, until if until in UNTIL else "success", nonce if isinstance(nonce, str) else "")

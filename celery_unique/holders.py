@@ -10,6 +10,7 @@ unique_until    finished states
 ==============  ==============================
 success         SUCCESS
 finish, start   SUCCESS, FAILURE
+expiry          none: a throttle's holder stands until its TTL
 ==============  ==============================
 
 REVOKED is not among them: Celery stores it for a task that another worker
@@ -55,6 +56,8 @@ FINISHED: dict[str, frozenset[str]] = {
     "success": frozenset({states.SUCCESS}),
     "finish": frozenset({states.SUCCESS, states.FAILURE}),
     "start": frozenset({states.SUCCESS, states.FAILURE}),
+    # A throttle: the lock lives out its TTL whatever its holder did.
+    "expiry": frozenset(),
 }
 
 

@@ -16,15 +16,15 @@ from .errors import UniqueTypeError, UniqueValueError
 
 __all__ = ["ON_DUPLICATE", "OPTION_NAMES", "UNTIL", "UniqueOptions", "check_choice", "check_unique_on"]
 
-Until = Literal["success", "finish", "start"]
+Until = Literal["success", "finish", "start", "expiry"]
 OnDuplicate = Literal["raise", "existing"]
 #: Names of the parameters that make up the key (a lone string is one name):
 #: the types check_unique_on takes, no other sequence or set.
 UniqueOn = str | list[str] | tuple[str, ...] | set[str] | frozenset[str]
 
 #: When a lock is released: on success (Asynq), on success or final failure,
-#: or as the task starts running.
-UNTIL: tuple[Until, ...] = ("success", "finish", "start")
+#: as the task starts running, or never before its TTL (a throttle).
+UNTIL: tuple[Until, ...] = ("success", "finish", "start", "expiry")
 #: What a duplicate enqueue does: raise DuplicateTaskError, or return the
 #: holder's AsyncResult.
 ON_DUPLICATE: tuple[OnDuplicate, ...] = ("raise", "existing")

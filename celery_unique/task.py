@@ -87,7 +87,7 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
     unique: float | timedelta | None = None
     #: Names of the parameters that make up the key; ``None`` means all.
     unique_on: UniqueOn | None = None
-    #: When the lock is released: "success", "finish" or "start".
+    #: When the lock is released: "success", "finish", "start" or "expiry".
     unique_until: Until | None = None
     #: What a duplicate does: "raise" or "existing" (return the holder's result).
     on_duplicate: OnDuplicate | None = None
@@ -410,7 +410,9 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
             raise LockStoreError.from_error(self.name, key, exc) from exc
         holder = self._acquire(store, key, task_id, lock_ttl_ms, nonce)
-        if holder is not None and holder != task_id and state.config.check_holder:
+        # A throttle's holder stands for the whole TTL: no state to read.
+        checks = state.config.check_holder and unique.until != "expiry"
+        if holder is not None and holder != task_id and checks:
             backend = self.backend
             if looks_up_any_task(backend) and not _eager_without_results(app):
                 holder = take_over_if_finished(

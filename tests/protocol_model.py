@@ -7,10 +7,11 @@ redelivery of a message (Redis restoring it, RabbitMQ redelivering it),
 a copy's beginning, its body storing a result, its end with each outcome,
 a retry, a crash, the death reported by the worker's main process, a
 revoke, a purge, a reap, time passing (unrenewed markers expire) and the
-lock's TTL passing. A command's reply may be lost: the client sends it
-again. Each rule calls :class:`celery_unique.lock.LockStore` on a real Redis,
-and after every step the machine checks invariants 1-5 of docs/protocol.md
-against what Redis holds and what the model knows.
+lock's TTL passing. A call is a throttle (``unique_until="expiry"``) or
+not. A command's reply may be lost: the client sends it again. Each rule
+calls :class:`celery_unique.lock.LockStore` on a real Redis, and after
+every step the machine checks invariants 1-6 of docs/protocol.md against
+what Redis holds and what the model knows.
 
 The model runs a copy *unmarked* only where a worker would: a first copy of
 its message that no redelivery has touched. Every other copy is marked.
@@ -26,8 +27,9 @@ import redis
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from celery_unique import execution, holders
 from celery_unique.keys import marker_key
-from celery_unique.lock import KEEP, RELEASE, REQUEUE, Attempt, LockStore
+from celery_unique.lock import KEEP, REQUEUE, Attempt, LockStore
 
 PREFIX = "model"
 KEY = f"{PREFIX}:celery:model.task:digest"
@@ -73,6 +75,8 @@ class Incarnation:
 
     task_id: str
     nonce: str
+    #: "expiry" for a throttle; otherwise the end rule draws "success" or "finish".
+    until: str = "success"
     revoked: bool = False
     #: Its lock's TTL passed (or the lock was taken over): best effort from then on.
     expired: bool = False
@@ -146,8 +150,9 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     # -- producers ------------------------------------------------------------------------------
 
-    @rule(chosen=st.sampled_from((None, *CHOSEN_IDS)), resend=st.booleans())
-    def enqueue(self, chosen: str | None, resend: bool) -> None:
+    @rule(chosen=st.sampled_from((None, *CHOSEN_IDS)), resend=st.booleans(),
+          throttle=st.sampled_from((False, False, False, True)))
+    def enqueue(self, chosen: str | None, resend: bool, throttle: bool) -> None:
         """A producer's unique call, its reply maybe lost and the command sent again."""
         task_id = chosen or f"gen-{next(self.generated)}"
         nonce = f"n{next(self.numbers)}" if chosen else ""
@@ -167,7 +172,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                 # revoked state is kept aside for one incarnation, no more.
                 call.expired = call.expired or call.superseded
                 call.superseded = True
-        self.calls[(task_id, nonce)] = Incarnation(task_id, nonce)
+        self.calls[(task_id, nonce)] = Incarnation(task_id, nonce, "expiry" if throttle else "success")
         self.new_copy(task_id, nonce)
 
     def finished_holder(self) -> Incarnation | None:
@@ -175,6 +180,9 @@ class ProtocolMachine(RuleBasedStateMachine):
         held = self.holder()
         for call in self.calls.values():
             if call.task_id == held and not (call.expired or call.superseded):
+                # A throttle's producer and reaper ask holders.finished, which never says yes.
+                if call.until == "expiry" and not holders.finished(call.stored, call.until):
+                    return None
                 return call if call.stored in ("SUCCESS", "FAILURE") else None
         return None
 
@@ -183,10 +191,9 @@ class ProtocolMachine(RuleBasedStateMachine):
     def holder_check(self, resend: bool) -> None:
         """A refused call takes a finished holder's lock over, as the producer does."""
         held = self.holder()
-        holders = [c for c in self.calls.values() if c.task_id == held and not (c.expired or c.superseded)]
-        if not holders or holders[0].stored not in ("SUCCESS", "FAILURE"):
+        call = self.finished_holder()
+        if held is None or call is None:
             return
-        call = holders[0]
         new = f"gen-{next(self.generated)}"
         answer = self.store.take_over(KEY, held, new, LOCK_TTL_MS)
         if resend:
@@ -302,7 +309,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         """A run's end (END_SCRIPT), as its stored state and mode say."""
         copy = data.draw(st.sampled_from(self.copies_in("ending")))
         call = self.call_of(copy)
-        outcome = RELEASE if call.stored == "SUCCESS" or until == "finish" else KEEP
+        mode = "expiry" if call.until == "expiry" else until
+        outcome = execution.settled(mode, succeeded=call.stored == "SUCCESS")
         copy.state = "ended"
         if not copy.stray:
             call.ended_attempts.add((copy.nesting, copy.retries))
@@ -392,11 +400,10 @@ class ProtocolMachine(RuleBasedStateMachine):
     def reap(self) -> None:
         """The reaper releases a finished holder's lock (TAKE_OVER with no new id)."""
         held = self.holder()
-        holders = [c for c in self.calls.values() if c.task_id == held and not (c.expired or c.superseded)]
-        finished = bool(holders) and holders[0].stored in ("SUCCESS", "FAILURE")
-        if finished and self.store.take_over(KEY, held, "", 0) is None:
-            self.assert_nothing_pending(holders[0], "the reaper")
-            holders[0].expired = True
+        call = self.finished_holder()
+        if held is not None and call is not None and self.store.take_over(KEY, held, "", 0) is None:
+            self.assert_nothing_pending(call, "the reaper")
+            call.expired = True
 
     # -- time -----------------------------------------------------------------------------------
 
@@ -429,6 +436,15 @@ class ProtocolMachine(RuleBasedStateMachine):
         holder = self.holder() if running else None
         for copy in running:
             assert holder == copy.task_id, f"{copy} runs without its lock: {holder!r} holds it"
+
+    @invariant()
+    def throttle_window(self) -> None:
+        """Invariant 6: a throttle's lock is its own until its TTL, unless a revoke or purge dropped it."""
+        holder = None
+        for call in self.calls.values():
+            if call.until == "expiry" and not (call.expired or call.superseded or call.revoked):
+                holder = holder or self.holder()
+                assert holder == call.task_id, f"throttle {call} lost its lock to {holder!r} before its TTL"
 
     @invariant()
     def bounded_residue(self) -> None:

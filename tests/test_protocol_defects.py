@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import redis
 
+from celery_unique import execution
 from celery_unique.lock import LockStore
 from tests.test_protocol_model import model_client, run_model
 
@@ -77,3 +78,16 @@ def test_model_finds_each_defect_put_back(model_client: redis.Redis, defect: str
     mutated = {attribute: _mutated(script, old, new)}
     with pytest.raises(AssertionError):
         run_model(model_client, mutated, examples=2000, derandomize=True, shrink=False)
+
+
+def test_model_finds_a_throttle_released_at_its_end(
+    model_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With "expiry" ending like "success", the model finds the throttle's window broken."""
+    settled = execution.settled
+    monkeypatch.setattr(
+        execution, "settled", lambda until, *, succeeded: settled("success" if until == "expiry" else until,
+                                                                  succeeded=succeeded)
+    )
+    with pytest.raises(AssertionError, match="throttle"):
+        run_model(model_client, {}, examples=2000, derandomize=True, shrink=False)
