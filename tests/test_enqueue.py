@@ -180,6 +180,8 @@ def test_other_queue_is_not_a_duplicate(tasks: SimpleNamespace, broker: redis.Re
     assert queued(broker, "reports") == 1
 
 
+# The task attribute is deprecated in Celery 5 but still routes, so the key must follow it.
+@pytest.mark.filterwarnings(r"ignore:\s*The 'queue' task attribute:celery.exceptions.CDeprecationWarning")
 def test_queue_from_task_attribute_and_routes(celery_app: Celery, locks: redis.Redis) -> None:
     """The queue comes from queue=, then the task's queue, then task_routes, then the default."""
     celery_app.conf.task_routes = {"tests.routed": {"queue": "routed"}}
