@@ -267,7 +267,9 @@ return {'run', value}
     #           mode keeps) or "requeue" (the message comes back and runs
     #           again: the marker says the attempt is queued)
     # ARGV[7] - "1" to leave a "done" marker until the lock's deadline (a copy
-    #           of the message may exist), "" to leave none
+    #           of the message may exist), "" to leave none unless the
+    #           attempt's queued marker says copies of an older one may
+    #           come back (CONTINUE_SCRIPT's "|c")
     # return 1 if the lock was released, otherwise 0. Nothing is touched
     #        while another copy of this attempt runs, a newer attempt is
     #        pending, or another incarnation of the id holds it; the older
@@ -301,7 +303,8 @@ if ARGV[6] == 'release' and redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     released = 1
 end
-if ARGV[7] == '1' and dl then
+local copies = f and not older and f.s == 'q' and f.owner == 'c'
+if (ARGV[7] == '1' or copies) and dl then
     until_deadline(KEYS[2], state('d', n, k, ARGV[4], dl), dl, now, nil)
 elseif f and not older then
     redis.call('DEL', KEYS[2])
@@ -358,6 +361,9 @@ return 0
     # attempt is queued, so the state the id stored so far is stale, copies of
     # the older attempt are dropped, and the lock is not released by it. Sent
     # after the publish; a new attempt that has begun already is left alone.
+    # When the attempt that published it was marked (copies of its message
+    # may still come back), the queued marker says so ("|c"), and the new
+    # attempt's end leaves an "ended" marker even if it ran unmarked.
     #
     # KEYS[1] - lock key
     # KEYS[2] - marker of the task id
@@ -372,7 +378,9 @@ if f and (f.nonce ~= ARGV[4] or newer(f, n, k) or (same(f, n, k) and f.s ~= 'q')
 end
 local dl = deadline(KEYS[1], ARGV[1], f, now)
 if not dl or redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-until_deadline(KEYS[2], state('q', ARGV[2], ARGV[3], ARGV[4], dl), dl, now, nil)
+local value = state('q', ARGV[2], ARGV[3], ARGV[4], dl)
+if f and (f.s == 'r' or f.owner == 'c') then value = value .. '|c' end
+until_deadline(KEYS[2], value, dl, now, nil)
 return 1
 """
 

@@ -59,6 +59,8 @@ class Copy:
     stray: bool = False
     #: Set once its body finished and Celery stored the state (it may die before its end).
     stored: bool = False
+    #: Set when it died after publishing its retry, before saying so (CONTINUE).
+    died_continuing: bool = False
 
     @property
     def attempt(self) -> Attempt:
@@ -139,6 +141,19 @@ class ProtocolMachine(RuleBasedStateMachine):
                 and (c.nesting, c.retries) not in call.ended_attempts)
         ]
         assert not pending, f"{how} gave the lock away while {pending} will still run"
+
+    def assert_let_go(self, call: Incarnation, how: str) -> None:
+        """Invariant 3, no hang: a call that succeeded, ended and runs nowhere holds no lock."""
+        if call.expired or call.superseded or call.revoked or call.until == "expiry":
+            return
+        if call.latest not in call.ended_attempts or call.stored != "SUCCESS":
+            return
+        busy = [
+            c for c in self.copies_in("running", "continuing", "ending", "crashed")
+            if (c.task_id, c.nonce) == (call.task_id, call.nonce)
+        ]
+        if not busy:
+            assert self.holder() != call.task_id, f"{how}: {call} succeeded and ended, and its lock stays"
 
     def copies_in(self, *states: str) -> list[Copy]:
         return [c for c in self.copies if c.state in states]
@@ -257,7 +272,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             copy.state, copy.stray = "running", True
         elif verdict == "wait":
             running = [
-                c for c in self.copies_in("running", "ending", "crashed")
+                c for c in self.copies_in("running", "continuing", "ending", "crashed")
                 if c.attempt_key == copy.attempt_key and c.marker and c is not copy
             ]
             assert running or call.expired, f"{copy} held back with no copy of its attempt running"
@@ -319,6 +334,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             return  # the worker sends nothing
         for _ in range(2 if resend else 1):
             self.store.end(KEY, copy.attempt, copy.owner, outcome, leave_done=marked)
+        if not copy.stray:
+            self.assert_let_go(call, "END")
 
     @precondition(lambda self: [c for c in self.copies_in("running") if not c.stray])
     @rule(data=st.data(), marked=st.booleans(), throw=st.booleans())
@@ -350,12 +367,14 @@ class ProtocolMachine(RuleBasedStateMachine):
             call.stored = "RETRY" if throw else "SUCCESS"
         copy.state = "ended"  # its end sends nothing
         call.ended_attempts.add((copy.nesting, copy.retries))
+        self.assert_let_go(call, "CONTINUE")
 
     @precondition(lambda self: self.copies_in("running", "continuing", "ending"))
     @rule(data=st.data())
     def crash(self, data: st.DataObject) -> None:
         """A worker dies mid-run: its marker is renewed no more, and nothing ends the run."""
         copy = data.draw(st.sampled_from(self.copies_in("running", "continuing", "ending")))
+        copy.died_continuing = copy.state == "continuing"
         copy.state = "crashed"
 
     @precondition(lambda self: [c for c in self.copies_in("crashed") if not c.stray])
@@ -367,9 +386,18 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.store.end(KEY, copy.attempt, copy.owner, REQUEUE, leave_done=False)
         if requeued:
             self.new_copy(copy.task_id, copy.nonce, nesting=copy.nesting, retries=copy.retries, marked=True)
+            if copy.died_continuing:
+                # Its retry is out and nothing said so: the attempt comes back
+                # and may run beside its retry, as a plain task's would. Outside
+                # the protocol (docs/protocol.md, "Bounds"): best effort from here.
+                self.call_of(copy).expired = True
         else:
-            self.call_of(copy).ended_attempts.add((copy.nesting, copy.retries))
             self.store.end(KEY, copy.attempt, copy.owner, KEEP, leave_done=True)
+            # The attempt ended unless another copy of it runs (its marker stands):
+            # then that copy's own end decides.
+            marker = (self.client.get(marker_key(KEY, copy.task_id)) or b"").decode()
+            if marker.startswith(f"d|{copy.nesting}|{copy.retries}|{copy.nonce}|"):
+                self.call_of(copy).ended_attempts.add((copy.nesting, copy.retries))
 
     @precondition(lambda self: self.copies_in("running", "continuing", "ending"))
     @rule()
