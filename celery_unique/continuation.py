@@ -23,12 +23,13 @@ from typing import Any
 
 from celery.exceptions import Ignore
 
+from .canvas import replacement_of
 from .config import app_state
 from .execution import _EAGER_RETRY, RUN_ATTR, Run, pending_eager_retry
-from .headers import REPLACES_HEADER, carried_by
+from .headers import LOCK_HEADER, NONCE_HEADER, REPLACES_HEADER, UNTIL_HEADER, carried_by
 from .lock import Attempt
 
-__all__ = ["continue_run", "continued_run"]
+__all__ = ["continue_run", "continued_run", "hand_over"]
 
 # The logger UniqueTask has always logged this under: logging settings may name it.
 logger = logging.getLogger("celery_unique.task")
@@ -77,6 +78,20 @@ def continue_run(task: Any, run: Any, options: Mapping[str, Any], publish: Calla
         raise
     _mark_continued(task, run, options)
     return result
+
+
+def hand_over(task: Any, run: Run, sig: Any, replace: Callable[[], Any]) -> Any:
+    """Hand ``run``'s lock to its replacement ``sig``, published by ``replace()`` under the same id."""
+    headers = {LOCK_HEADER: run.key, REPLACES_HEADER: run.task_id}
+    if run.until != "success":
+        headers[UNTIL_HEADER] = run.until
+    if run.attempt.nonce:
+        headers[NONCE_HEADER] = run.attempt.nonce
+    final = replacement_of(sig, run.task_id)
+    if final is not None:
+        final.set(headers={**(final.options.get("headers") or {}), **headers})
+    attempt = run.attempt._replace(nesting=run.attempt.nesting + 1, retries=0)
+    return continue_run(task, run, {"_attempt": attempt}, replace)
 
 
 def _mark_continued(task: Any, run: Any, options: Mapping[str, Any]) -> None:

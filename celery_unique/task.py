@@ -18,12 +18,11 @@ from celery.result import AsyncResult
 
 from . import keys
 from .call import Call
-from .canvas import replacement_of
 from .config import app_state
-from .continuation import continue_run, continued_run
+from .continuation import continue_run, continued_run, hand_over
 from .enqueue import from_schedule, lock, lock_here, publish, take_unique_options
 from .execution import RUN_ATTR, Run, eager_calls, hold_back
-from .headers import LOCK_HEADER, NONCE_HEADER, REPLACES_HEADER, UNTIL_HEADER, drop_own_headers
+from .headers import LOCK_HEADER, drop_own_headers
 from .option_names import check_option_names
 from .options import UNSET, OnDuplicate, UniqueOn, Until, check_unique_on
 from .switch import unlock_if_disabled
@@ -235,18 +234,7 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         run: Run | None = self.request.__dict__.get(RUN_ATTR)
         if run is None:
             return super().on_replace(sig)
-        headers = {LOCK_HEADER: run.key, REPLACES_HEADER: run.task_id}
-        if run.until != "success":
-            headers[UNTIL_HEADER] = run.until
-        if run.attempt.nonce:
-            headers[NONCE_HEADER] = run.attempt.nonce
-        final = replacement_of(sig, run.task_id)
-        if final is not None:
-            final.set(headers={**(final.options.get("headers") or {}), **headers})
-        attempt = run.attempt._replace(nesting=run.attempt.nesting + 1, retries=0)
-        return continue_run(
-            self, run, {"_attempt": attempt}, lambda: super(UniqueTask, self).on_replace(sig)
-        )
+        return hand_over(self, run, sig, lambda: super(UniqueTask, self).on_replace(sig))
 
     # -- internals --------------------------------------------------------------------------------
 
