@@ -4,52 +4,45 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Task
 from celery.app.task import Context
 from celery.backends.base import DisabledBackend
 
 from .errors import DuplicateTaskError
+
+if TYPE_CHECKING:
+    from .call import Call
 
 __all__ = ["in_hand_over", "record_refusal", "replacement_of"]
 
 logger = logging.getLogger(__name__)
 
 
-def record_refusal(
-    task: Task,
-    task_id: str,
-    error: DuplicateTaskError,
-    args: Any,
-    kwargs: Any,
-    options: Mapping[str, Any],
-    link: Any,
-    link_error: Any,
-) -> None:
-    """Store the refused call ``task_id`` as failed with ``error``, as Celery stores a failed task.
+def record_refusal(call: Call, error: DuplicateTaskError) -> None:
+    """Store the refused ``call`` as failed with ``error``, as Celery stores a failed task.
 
     Celery then fails the later steps of its chain, counts it as a failed
     member of its chord and calls its errbacks, so a canvas waiting on it
     hears of the refusal at once instead of waiting for ever.
     """
+    task, task_id, options = call.task, call.lock_id, call.options
     backend = task.backend
     if isinstance(backend, DisabledBackend):
         return
     request = Context(
         id=task_id,
         task=task.name,
-        args=list(args or ()),
-        kwargs=dict(kwargs or {}),
+        args=list(call.args or ()),
+        kwargs=dict(call.kwargs or {}),
         chain=options.get("chain"),
         chord=options.get("chord"),
         group=options.get("group_id"),
         group_index=options.get("group_index"),
         root_id=options.get("root_id"),
         parent_id=options.get("parent_id"),
-        callbacks=link,
-        errbacks=link_error,
+        callbacks=call.link,
+        errbacks=call.link_error,
         headers=options.get("headers"),
         delivery_info={"routing_key": options.get("routing_key"), "priority": options.get("priority")},
         # Where an rpc:// backend sends the refused call's result: the queue

@@ -37,6 +37,7 @@ from .redis_url import (
     parse_redis_url,
     redact,
 )
+from .store_target import StoreTarget
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -51,6 +52,7 @@ __all__ = [
     "lock_store",
     "locking_switch",
     "setting_name",
+    "store_target",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,131 +209,107 @@ def _whole_hash_tag(prefix: str) -> bool:
     return start >= 0 and end > start + 1 and "}" not in prefix[:start]
 
 
-@dataclass(frozen=True)
-class StoreTarget:
-    """Where the locks live, resolved from the settings, and how to connect there."""
+def store_target(app: Celery, config: UniqueConfig) -> StoreTarget:
+    """Resolve the lock store's address from ``app``'s settings, checking every part."""
+    if config.redis_url:
+        address = parse_redis_url(config.redis_url, setting_name(app, "unique_redis_url"))
+        target = StoreTarget(address, cluster=config.cluster)
+    else:
+        target = _broker_target(app, config)
+    return _with_options(target, app, config)
 
-    #: The server (or the Sentinels), with every connection option merged.
-    address: RedisAddress
-    #: True when the URL is the broker's (``unique_redis_url`` is not set).
-    inherited: bool = False
-    #: The URL is a seed node of a Redis Cluster.
-    cluster: bool = False
-    #: Name of the Sentinel-managed master, for a ``sentinel://`` URL.
-    master_name: str | None = None
-    #: Options of the connections to the Sentinels themselves.
-    sentinel_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def describe(self) -> str:
-        """Where the locks live, with every password hidden."""
-        where = redact(self.address.url)
-        if self.master_name is not None:
-            where += f" master {self.master_name!r}"
-        if self.cluster:
-            where = f"Redis Cluster {where}"
-        source = f"from {self.address.setting}" if self.inherited else self.address.setting
-        return f"{where} ({source})"
+def _broker_target(app: Celery, config: UniqueConfig) -> StoreTarget:
+    source, broker_url = _broker_url(app)
+    entries = [
+        part.strip()
+        for item in (broker_url if isinstance(broker_url, (list, tuple)) else [broker_url])
+        if isinstance(item, str)
+        for part in item.split(";")
+        if part.strip()
+    ]
+    schemes = [entry.partition("://")[0].lower() for entry in entries]
+    if schemes and schemes[0] == "sentinel":
+        sentinels = ";".join(e for e, s in zip(entries, schemes, strict=True) if s == "sentinel")
+        address = parse_redis_url(sentinels, source, kombu_tls=True)
+        return StoreTarget(address, inherited=True, cluster=config.cluster)
+    for entry, scheme in zip(entries, schemes, strict=True):
+        if scheme in SERVER_SCHEMES:
+            # A failover list names one broker per entry. The locks must
+            # live in one place: they take the first Redis and do not fail
+            # over with the broker.
+            address = parse_redis_url(entry, source, kombu_tls=True)
+            return StoreTarget(address, inherited=True, cluster=config.cluster)
+    raise ConfigurationError(
+        f"celery_unique needs a Redis for its locks: set {setting_name(app, 'unique_redis_url')} "
+        f"({source} {redact(broker_url)!r} has no redis://, rediss://, redis+socket://, "
+        "unix:// or sentinel:// URL)"
+    )
 
-    @classmethod
-    def from_app(cls, app: Celery, config: UniqueConfig) -> StoreTarget:
-        """Resolve the lock store's address from ``app``'s settings, checking every part."""
-        if config.redis_url:
-            address = parse_redis_url(config.redis_url, setting_name(app, "unique_redis_url"))
-            target = cls(address, cluster=config.cluster)
-        else:
-            target = cls._from_broker(app, config)
-        return target._with_options(app, config)
 
-    @classmethod
-    def _from_broker(cls, app: Celery, config: UniqueConfig) -> StoreTarget:
-        source, broker_url = _broker_url(app)
-        entries = [
-            part.strip()
-            for item in (broker_url if isinstance(broker_url, (list, tuple)) else [broker_url])
-            if isinstance(item, str)
-            for part in item.split(";")
-            if part.strip()
-        ]
-        schemes = [entry.partition("://")[0].lower() for entry in entries]
-        if schemes and schemes[0] == "sentinel":
-            sentinels = ";".join(e for e, s in zip(entries, schemes, strict=True) if s == "sentinel")
-            address = parse_redis_url(sentinels, source, kombu_tls=True)
-            return cls(address, inherited=True, cluster=config.cluster)
-        for entry, scheme in zip(entries, schemes, strict=True):
-            if scheme in SERVER_SCHEMES:
-                # A failover list names one broker per entry. The locks must
-                # live in one place: they take the first Redis and do not fail
-                # over with the broker.
-                address = parse_redis_url(entry, source, kombu_tls=True)
-                return cls(address, inherited=True, cluster=config.cluster)
+def _with_options(target: StoreTarget, app: Celery, config: UniqueConfig) -> StoreTarget:
+    connection = dict(target.address.connection)
+    tls = _inherit_broker_tls(app, target.address, connection) if target.inherited else target.address.tls
+    options = dict(config.redis_options)
+    options_name = setting_name(app, "unique_redis_options")
+    options_tls = any(key.startswith("ssl") for key in options)
+    wants_tls = options_tls or any(key.startswith("ssl") for key in connection)
+    if target.address.sentinels and wants_tls:
+        source = options_name if options_tls else target.address.setting
         raise ConfigurationError(
-            f"celery_unique needs a Redis for its locks: set {setting_name(app, 'unique_redis_url')} "
-            f"({source} {redact(broker_url)!r} has no redis://, rediss://, redis+socket://, "
-            "unix:// or sentinel:// URL)"
+            f"{source}: TLS to Sentinel-managed Redis is not supported by the lock store "
+            f"({redact(target.address.url)!r}); set {setting_name(app, 'unique_redis_url')} "
+            "to a rediss:// URL instead"
         )
+    if options_tls:
+        if not tls:
+            raise ConfigurationError(
+                f"{options_name} has TLS options ({', '.join(sorted(options))}) but the lock "
+                f"store's URL is not rediss://: {redact(target.address.url)!r}"
+            )
+        check_tls_options(options, options_name)
+    if not target.cluster:
+        cls = connection.get("connection_class") or redis.Connection
+        check_connection_options({**options, "connection_class": cls}, options_name)
+    connection.update(options)
+    master_name, sentinel_kwargs = _sentinel_options(target, app, config)
+    if tls and connection.get("ssl_cert_reqs") == ssl.CERT_NONE:
+        logger.warning(
+            "celery_unique: the lock store's TLS certificate is not verified "
+            "(ssl_cert_reqs is CERT_NONE): %s", target.describe()
+        )
+    address = RedisAddress(target.address.url, target.address.setting, connection, target.address.sentinels)
+    return StoreTarget(address, target.inherited, target.cluster, master_name, sentinel_kwargs)
 
-    def _with_options(self, app: Celery, config: UniqueConfig) -> StoreTarget:
-        connection = dict(self.address.connection)
-        tls = _inherit_broker_tls(app, self.address, connection) if self.inherited else self.address.tls
-        options = dict(config.redis_options)
-        options_name = setting_name(app, "unique_redis_options")
-        options_tls = any(key.startswith("ssl") for key in options)
-        wants_tls = options_tls or any(key.startswith("ssl") for key in connection)
-        if self.address.sentinels and wants_tls:
-            source = options_name if options_tls else self.address.setting
-            raise ConfigurationError(
-                f"{source}: TLS to Sentinel-managed Redis is not supported by the lock store "
-                f"({redact(self.address.url)!r}); set {setting_name(app, 'unique_redis_url')} "
-                "to a rediss:// URL instead"
-            )
-        if options_tls:
-            if not tls:
-                raise ConfigurationError(
-                    f"{options_name} has TLS options ({', '.join(sorted(options))}) but the lock "
-                    f"store's URL is not rediss://: {redact(self.address.url)!r}"
-                )
-            check_tls_options(options, options_name)
-        if not self.cluster:
-            cls = connection.get("connection_class") or redis.Connection
-            check_connection_options({**options, "connection_class": cls}, options_name)
-        connection.update(options)
-        master_name, sentinel_kwargs = self._sentinel_options(app, config)
-        if tls and connection.get("ssl_cert_reqs") == ssl.CERT_NONE:
-            logger.warning(
-                "celery_unique: the lock store's TLS certificate is not verified "
-                "(ssl_cert_reqs is CERT_NONE): %s", self.describe()
-            )
-        address = RedisAddress(self.address.url, self.address.setting, connection, self.address.sentinels)
-        return StoreTarget(address, self.inherited, self.cluster, master_name, sentinel_kwargs)
 
-    def _sentinel_options(
-        self, app: Celery, config: UniqueConfig
-    ) -> tuple[str | None, dict[str, Any]]:
-        if not self.address.sentinels:
-            return None, {}
-        options = dict(config.transport_options)
-        if self.inherited:
-            broker_options = app.conf.get("broker_transport_options") or {}
-            for key in SENTINEL_ADDRESS_OPTIONS:
-                if key in broker_options:
-                    options.setdefault(key, broker_options[key])
-        master_name = options.get("master_name")
-        if not master_name or not isinstance(master_name, str):
-            where = setting_name(app, "unique_redis_transport_options")
-            if self.inherited:
-                where += f" or {setting_name(app, 'broker_transport_options')}"
-            raise ConfigurationError(
-                f"a sentinel:// lock store ({self.address.setting} {redact(self.address.url)!r}) "
-                f"needs the master's name: set {where} = {{'master_name': ...}} "
-                f"(got master_name={master_name!r})"
-            )
-        sentinel_kwargs = options.get("sentinel_kwargs") or {}
-        if not isinstance(sentinel_kwargs, dict):
-            # Not shown: it may hold the Sentinels' password.
-            raise ConfigurationError(
-                f"sentinel_kwargs must be a dict, not a {type(sentinel_kwargs).__name__}"
-            )
-        return master_name, dict(sentinel_kwargs)
+def _sentinel_options(
+    target: StoreTarget, app: Celery, config: UniqueConfig
+) -> tuple[str | None, dict[str, Any]]:
+    if not target.address.sentinels:
+        return None, {}
+    options = dict(config.transport_options)
+    if target.inherited:
+        broker_options = app.conf.get("broker_transport_options") or {}
+        for key in SENTINEL_ADDRESS_OPTIONS:
+            if key in broker_options:
+                options.setdefault(key, broker_options[key])
+    master_name = options.get("master_name")
+    if not master_name or not isinstance(master_name, str):
+        where = setting_name(app, "unique_redis_transport_options")
+        if target.inherited:
+            where += f" or {setting_name(app, 'broker_transport_options')}"
+        raise ConfigurationError(
+            f"a sentinel:// lock store ({target.address.setting} {redact(target.address.url)!r}) "
+            f"needs the master's name: set {where} = {{'master_name': ...}} "
+            f"(got master_name={master_name!r})"
+        )
+    sentinel_kwargs = options.get("sentinel_kwargs") or {}
+    if not isinstance(sentinel_kwargs, dict):
+        # Not shown: it may hold the Sentinels' password.
+        raise ConfigurationError(
+            f"sentinel_kwargs must be a dict, not a {type(sentinel_kwargs).__name__}"
+        )
+    return master_name, dict(sentinel_kwargs)
 
 
 def locking_switch(app: Celery) -> tuple[bool, str]:
@@ -433,7 +411,7 @@ class _AppState:
     def target(self) -> StoreTarget:
         """Where the locks live, resolved (and checked) once."""
         if self._target is None:
-            target = StoreTarget.from_app(self._app, self.config)
+            target = store_target(self._app, self.config)
             if target.inherited:
                 logger.info(
                     "celery_unique: unique_redis_url is not set, the locks go to the broker's "

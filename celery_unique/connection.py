@@ -1,6 +1,6 @@
 """Build the lock store's Redis client: one server, Sentinel, or a Cluster.
 
-The address comes resolved from :class:`celery_unique.config.StoreTarget`
+The address comes resolved in a :class:`celery_unique.store_target.StoreTarget`
 (URL, TLS and ``unique_redis_options`` merged); this module picks the client:
 
 * one server (``redis://``, ``rediss://``, a unix socket): ``redis.Redis``;
@@ -32,7 +32,7 @@ from .errors import ConfigurationError
 from .redis_url import redact
 
 if TYPE_CHECKING:
-    from .config import StoreTarget
+    from .store_target import StoreTarget
 
 __all__ = ["CLUSTER_RETRIES", "MAX_CONNECTIONS", "connect"]
 

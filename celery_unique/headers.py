@@ -32,6 +32,7 @@ __all__ = [
     "UNTIL_HEADER",
     "Carried",
     "carried_by",
+    "drop_own_headers",
     "headers_of",
 ]
 
@@ -77,3 +78,10 @@ def carried_by(headers: Mapping[str, Any] | None) -> Carried | None:
     until = headers.get(UNTIL_HEADER)
     nonce = headers.get(NONCE_HEADER)
     return Carried(key, until if until in UNTIL else "success", nonce if isinstance(nonce, str) else "")
+
+
+def drop_own_headers(options: dict[str, Any]) -> None:
+    """Leave the package's own headers out of a call's ``headers`` option (a copy without them)."""
+    headers = options.get("headers")
+    if isinstance(headers, Mapping) and any(name in headers for name in OWN_HEADERS):
+        options["headers"] = {k: v for k, v in headers.items() if k not in OWN_HEADERS}

@@ -28,16 +28,12 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from kombu import serialization
 from kombu.exceptions import DecodeError, EncodeError, SerializerNotInstalled
 from kombu.utils.json import JSONEncoder
 from kombu.utils.json import dumps as _kombu_json_dumps
-
-if TYPE_CHECKING:
-    from .task import UniqueTask
-
 
 from .errors import UniqueTypeError, UniqueValueError
 
@@ -50,8 +46,10 @@ __all__ = [
     "format_key",
     "former_marker_key",
     "key_head",
+    "lock_key",
     "marker_key",
     "parse_key",
+    "routed_queue",
 ]
 
 # One encoder for every call: it holds no state between calls, and building
@@ -145,8 +143,74 @@ def parse_key(key: str) -> LockKey:
 # -- a call's identity -------------------------------------------------------
 
 
+class KeySettings(Protocol):
+    """The settings a lock key depends on (:class:`celery_unique.config.UniqueConfig` has them)."""
+
+    @property
+    def key_prefix(self) -> str: ...
+
+    @property
+    def default_queue(self) -> str: ...
+
+
+def lock_key(
+    task: Any,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+    unique_on: Sequence[str] | None,
+    config: KeySettings,
+) -> str:
+    """Return the lock key of a call of ``task`` (a ``UniqueTask``): prefix, routed queue, name, digest.
+
+    The one place a key is made: :func:`call_digest` gives its last part,
+    :func:`routed_queue` the queue Celery will publish to.
+    """
+    digest = call_digest(task, args, kwargs, unique_on, options)
+    queue = routed_queue(task, args, kwargs, options, config.default_queue)
+    # The escaped head of the key, per prefix and queue, is worked out once.
+    heads: dict[tuple[str, str], str] = task.__dict__.setdefault("_unique_key_heads", {})
+    head = heads.get((config.key_prefix, queue))
+    if head is None:
+        head = heads[(config.key_prefix, queue)] = key_head(config.key_prefix, queue, task.name)
+    return head + digest
+
+
+def routed_queue(
+    task: Any,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+    default_queue: str,
+) -> str:
+    """Return the queue Celery will publish a call of ``task`` to.
+
+    The queue option, then the task's queue attribute, then
+    ``task_routes``, then ``task_default_queue``.
+    """
+    app = task._get_app()
+    router = app.amqp.router
+    if not router.routes:
+        # Without task_routes the router would only pick the first of
+        # these; skipping it saves a third of the key's cost.
+        queue = (
+            options.get("queue")
+            or task._get_exec_options().get("queue")
+            or default_queue
+        )
+        return str(getattr(queue, "name", queue))
+    # route() pops from the dict it is given, so it gets a fresh one.
+    route = router.route(
+        dict(task._get_exec_options(), **options), task.name, args, kwargs, task
+    )
+    queue = route.get("queue")
+    if queue is not None:
+        return str(queue.name)
+    return str(route.get("routing_key") or "")
+
+
 def call_digest(
-    task: UniqueTask,
+    task: Any,
     args: Sequence[Any] | None,
     kwargs: Mapping[str, Any] | None,
     unique_on: Sequence[str] | None,

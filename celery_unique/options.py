@@ -14,7 +14,9 @@ from typing import Any, Literal, NamedTuple
 
 from .errors import UniqueTypeError, UniqueValueError
 
-__all__ = ["ON_DUPLICATE", "OPTION_NAMES", "UNTIL", "UniqueOptions", "check_choice", "check_unique_on"]
+__all__ = [
+    "ON_DUPLICATE", "OPTION_NAMES", "UNSET", "UNTIL", "UniqueOptions", "check_choice", "check_unique_on",
+]
 
 Until = Literal["success", "finish", "start", "expiry"]
 OnDuplicate = Literal["raise", "existing"]
@@ -31,6 +33,9 @@ ON_DUPLICATE: tuple[OnDuplicate, ...] = ("raise", "existing")
 
 #: Options a caller may pass to apply_async; they never reach kombu.
 OPTION_NAMES = ("unique", "unique_on", "unique_until", "on_duplicate")
+
+#: The default of an option left out, where ``None`` says something (``unique_on=None``: all arguments).
+UNSET: Any = object()
 
 
 class UniqueOptions(NamedTuple):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.result import AsyncResult
 
+from .call import Call
 from .keys import run_signature
 from .task import UniqueTask
 
@@ -99,18 +100,8 @@ class _NamedTask(UniqueTask):
             return dict(self._registered._get_exec_options())
         return {}
 
-    def _publish(
-        self,
-        args: Sequence[Any] | None,
-        kwargs: Mapping[str, Any] | None,
-        task_id: str | None,
-        producer: Any,
-        link: Any,
-        link_error: Any,
-        shadow: str | None,
-        options: dict[str, Any],
-    ) -> AsyncResult[Any]:
+    def _publish(self, call: Call) -> AsyncResult[Any]:
         return self._get_app().send_task(
-            self.name, args, kwargs, task_id=task_id, producer=producer,
-            link=link, link_error=link_error, shadow=shadow, **options,
+            self.name, call.args, call.kwargs, task_id=call.task_id, producer=call.producer,
+            link=call.link, link_error=call.link_error, shadow=call.shadow, **call.options,
         )

@@ -13,18 +13,16 @@ environment variable, the ``unique_enabled`` setting, the default (on).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .config import app_state
+from .enqueue import resolve_options
 from .options import OPTION_NAMES
-
-if TYPE_CHECKING:
-    from .task import UniqueTask
 
 __all__ = ["unlock_if_disabled"]
 
 
-def unlock_if_disabled(task: UniqueTask, options: dict[str, Any]) -> None:
+def unlock_if_disabled(task: Any, options: dict[str, Any]) -> None:
     """With locking off for ``task``'s app, check the call's unique options, then set ``unique=None``."""
     state = app_state(task._get_app())
     if state.config.enabled:
@@ -35,5 +33,5 @@ def unlock_if_disabled(task: UniqueTask, options: dict[str, Any]) -> None:
         # The checks of a locked call, which need no Redis: TTL, unique_on's
         # type, unique_until and on_duplicate as the call, the task and the
         # app's settings resolve them.
-        task._resolve_options(ttl, requested, state.config)
+        resolve_options(task, ttl, requested, state.config)
     options["unique"] = None

@@ -1,0 +1,263 @@
+"""The enqueue of a unique call: take its lock, then publish or run it, or refuse it.
+
+================================  ==============================================
+outcome                           what the caller gets
+================================  ==============================================
+lock taken (or taken over from    the published task's ``AsyncResult``; a publish
+a holder that has finished)       that fails gives the lock back
+taken, ``task_always_eager``      the eager run's result; the run ends the lock
+refused                           ``DuplicateTaskError``, raised
+refused, ``on_duplicate=          the holder's ``AsyncResult``
+"existing"`` or from a scheduler
+refused while a worker hands a    the refused call's ``AsyncResult``
+canvas on
+refused, run here (``apply()``,   an ``EagerResult`` failed with
+eager) with ``"existing"``        ``DuplicateTaskError``
+================================  ==============================================
+
+A refused call someone may wait on (a chosen id, callbacks, a run here) is
+also stored as failed, so that its canvas hears of it (see
+:func:`celery_unique.canvas.record_refusal`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import states
+from celery.result import AsyncResult, EagerResult
+
+from . import events
+from .call import Call
+from .canvas import in_hand_over, record_refusal
+from .cleanup import clean_up_later, release_quietly
+from .compat import BEAT_HEADER
+from .config import UniqueConfig, app_state
+from .errors import DuplicateTaskError, LockStoreError
+from .execution import eager_calls
+from .headers import LOCK_HEADER, NONCE_HEADER, UNTIL_HEADER
+from .holders import looks_up_any_task, take_over_if_finished
+from .ids import new_task_id
+from .keys import lock_key
+from .lock import AcquireError, LockStore
+from .options import ON_DUPLICATE, OPTION_NAMES, UNTIL, UniqueOptions, check_choice, check_unique_on
+from .signals import in_beat
+from .ttl import delay_ms, ttl_ms
+
+__all__ = [
+    "from_schedule",
+    "lock",
+    "lock_here",
+    "publish",
+    "resolve_options",
+    "take_unique_options",
+]
+
+# Set while UniqueTask.apply() takes its lock: the task runs here and now.
+_running_here: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "celery_unique_running_here", default=False
+)
+# Headers that schedulers put on the tasks they send: Celery beat (5.4+) and
+# django-celery-beat (its scheduler and its admin's "Run selected tasks").
+_SCHEDULE_HEADERS = (BEAT_HEADER, "periodic_task_name")
+
+
+def take_unique_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the unique options out of a call's options: they never reach kombu."""
+    return {name: options.pop(name) for name in OPTION_NAMES if name in options}
+
+
+def from_schedule(task: Any, headers: Any) -> bool:
+    """Whether a scheduler sends this call of ``task``.
+
+    Beat's own thread, or a scheduler's header on a call made outside a
+    running task: a header forwarded from a task's request never counts.
+    """
+    if in_beat():
+        return True
+    return bool(
+        isinstance(headers, Mapping)
+        and any(headers.get(name) for name in _SCHEDULE_HEADERS)
+        and task._get_app().current_worker_task is None
+    )
+
+
+def resolve_options(
+    task: Any, ttl: Any, requested: Mapping[str, Any], config: UniqueConfig
+) -> UniqueOptions:
+    """Resolve and check a call's options: per call, then task attribute, then app setting, then default."""
+    until = requested.get("unique_until") or task.unique_until or config.until
+    on_duplicate = requested.get("on_duplicate") or task.on_duplicate or config.on_duplicate
+    unique_on = requested.get("unique_on", task.unique_on)
+    # Checked once per distinct combination: calls repeat a handful of them.
+    cache: dict[Any, UniqueOptions] = task.__dict__.setdefault("_unique_options", {})
+    try:
+        cache_key: Any = (ttl, type(ttl), until, on_duplicate, unique_on, type(unique_on))
+        return cache[cache_key]
+    except TypeError:  # an unhashable unique_on (a list): checked every time
+        cache_key = None
+    except KeyError:
+        pass
+    name = task.name
+    options = UniqueOptions(
+        ttl_ms=ttl_ms(name, ttl),
+        unique_on=check_unique_on(name, unique_on),
+        until=check_choice(name, "unique_until", until, UNTIL),
+        on_duplicate=check_choice(name, "on_duplicate", on_duplicate, ON_DUPLICATE),
+    )
+    if cache_key is not None and len(cache) < 256:
+        cache[cache_key] = options
+    return options
+
+
+def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | AsyncResult[Any]:
+    """Take the call's lock: the lock store that holds it, or the duplicate's result.
+
+    Fills in the call's lock fields first (its resolved options, its key,
+    the task id the lock holds and its nonce) and puts the lock's headers in
+    its options.
+    """
+    task = call.task
+    app = task._get_app()
+    state = app_state(app)
+    unique = call.unique = resolve_options(task, ttl, requested, state.config)
+    options = call.options
+    key = call.key = lock_key(task, call.args, call.kwargs, options, unique.unique_on, state.config)
+    lock_ttl_ms = unique.ttl_ms
+    countdown, eta = options.get("countdown"), options.get("eta")
+    if countdown or eta:
+        lock_ttl_ms += delay_ms(app.now(), countdown, eta)
+    # The lock's value is the task id, so the id must exist before the lock.
+    # A caller-chosen id may have run before: its incarnation gets a nonce.
+    chosen_id = call.task_id
+    task_id = call.task_id = chosen_id or new_task_id()
+    call.chosen = chosen_id is not None
+    nonce = call.nonce = secrets.token_urlsafe(6) if chosen_id else None
+    headers = dict(options.get("headers") or ())
+    headers[LOCK_HEADER] = key
+    if unique.until != "success":
+        headers[UNTIL_HEADER] = unique.until
+    if nonce is not None:
+        headers[NONCE_HEADER] = nonce
+    options["headers"] = headers
+
+    try:
+        store = state.store
+    except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
+        raise LockStoreError.from_error(task.name, key, exc) from exc
+    holder = _acquire(call, store, lock_ttl_ms)
+    # A throttle's holder stands for the whole TTL: no state to read.
+    checks = state.config.check_holder and unique.until != "expiry"
+    if holder is not None and holder != task_id and checks:
+        backend = task.backend
+        if looks_up_any_task(backend) and not _eager_without_results(app):
+            holder = take_over_if_finished(
+                task, store, backend, key, holder, task_id, lock_ttl_ms, unique.until, nonce
+            )
+    if holder is None:
+        events.taken(task, key, task_id, lock_ttl_ms)
+        return store
+    return _refuse(call, holder)
+
+
+def lock_here(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | AsyncResult[Any]:
+    """:func:`lock` for a call ``apply()`` runs here and now: a refusal is awaited here."""
+    token = _running_here.set(True)
+    try:
+        return lock(call, ttl, requested)
+    finally:
+        _running_here.reset(token)
+
+
+def publish(call: Call, store: LockStore) -> AsyncResult[Any]:
+    """Publish a locked call (under ``task_always_eager``, run it); give the lock back if that fails."""
+    if call.task._get_app().conf.task_always_eager:
+        return _run_eagerly(call, store)
+    try:
+        return call.task._publish(call)
+    except BaseException:
+        # No lock without a published task: whatever stopped the publish
+        # (broker down, serializer error, Ctrl-C), give the lock back.
+        _give_back(call, store)
+        raise
+
+
+def _run_eagerly(call: Call, store: LockStore) -> AsyncResult[Any]:
+    # task_always_eager: the task runs inside this call, and its run ends
+    # as a worker's would (a final failure keeps the lock under "success",
+    # even when task_eager_propagates raises it here). Only an error
+    # before the run began is a failed "publish".
+    eager = [call.task_id, False]
+    token = eager_calls.set(eager)
+    try:
+        return call.task._publish(call)
+    except BaseException:
+        if not eager[1]:
+            _give_back(call, store)
+        raise
+    finally:
+        eager_calls.reset(token)
+
+
+def _give_back(call: Call, store: LockStore) -> None:
+    release_quietly(store, call.key, call.lock_id, call.nonce or "")
+
+
+def _acquire(call: Call, store: LockStore, lock_ttl_ms: int) -> str | None:
+    task_id = call.lock_id
+    try:
+        return store.acquire(call.key, task_id, lock_ttl_ms, call.nonce)
+    except AcquireError as failure:
+        events.store_error(call.task)
+        exc = failure.error
+        if failure.maybe_applied:
+            # A timed-out SET may still be applied once the server catches
+            # up; this id is never published, so an owner-checked release
+            # is always safe. It runs in the background: against a stalled
+            # server it would wait out a second timeout first.
+            clean_up_later(store, call.key, task_id, call.nonce or "")
+        raise LockStoreError.from_error(call.task.name, call.key, exc) from exc
+
+
+def _refuse(call: Call, holder: str) -> AsyncResult[Any]:
+    task, key = call.task, call.key
+    # A refused call someone may wait on: its id was chosen before the call
+    # (a chain link, a group or chord member, a chord body, a frozen
+    # signature), it carries callbacks that would otherwise be dropped, or
+    # apply() runs it here and now.
+    awaited = call.chosen or bool(call.link or call.link_error) or _running_here.get()
+    refused_id = call.task_id if awaited else None
+    events.refused(task, key, holder, call.args, call.kwargs)
+    if refused_id is not None and refused_id != holder:
+        # Record the refused call as failed, as Celery records a failed
+        # task, so later chain steps, the chord and the errbacks hear of
+        # it now instead of waiting for ever.
+        record_refusal(call, DuplicateTaskError(task.name, holder, key))
+    if in_hand_over(task._get_app()):
+        # A worker sending the next step of a canvas after a step ran: the
+        # refused step's own result says why, and the step that ran keeps
+        # its result. Raising here would make Celery store that step as
+        # failed, and send a chord down its failure path.
+        return task.AsyncResult(refused_id or holder)
+    # Beat would log a duplicate as a scheduling ERROR with a traceback on
+    # every tick; for a scheduler a duplicate is expected, so it is only logged.
+    if call.unique.on_duplicate == "existing" or call.from_schedule:
+        if refused_id is not None and (_running_here.get() or task._get_app().conf.task_always_eager):
+            # An eager canvas waits on each member's result here and now:
+            # the refused member's is its failure, never the holder's
+            # result, which a worker may take hours to produce.
+            return EagerResult(refused_id, DuplicateTaskError(task.name, holder, key), states.FAILURE)
+        return task.AsyncResult(holder)
+    # Raised as it is made: an exception held in a local of this frame
+    # would, through its traceback, form a cycle kept until a full GC.
+    raise DuplicateTaskError(task.name, holder, key)
+
+
+def _eager_without_results(app: Any) -> bool:
+    # Eager runs store no result unless task_store_eager_result is set.
+    conf = app.conf
+    return bool(conf.task_always_eager and not conf.task_store_eager_result)
