@@ -28,7 +28,7 @@ import redis
 from celery.utils.text import match_case
 
 from .errors import ConfigurationError
-from .options import ON_DUPLICATE, UNTIL, OnDuplicate, Until
+from .options import ON_DUPLICATE, ON_STORE_ERROR, UNTIL, OnDuplicate, OnStoreError, Until
 from .redis_url import (
     SERVER_SCHEMES,
     RedisAddress,
@@ -105,6 +105,8 @@ class UniqueConfig:
     until: Until = "success"
     #: App-wide default of the ``on_duplicate`` option.
     on_duplicate: OnDuplicate = "raise"
+    #: App-wide default of the ``unique_on_store_error`` option.
+    on_store_error: OnStoreError = "raise"
     #: Seconds a running marker lives without a heartbeat (renewed every third
     #: of it): how long a copy of a task id waits after its worker died.
     running_ttl: float = 30.0
@@ -173,9 +175,11 @@ class UniqueConfig:
             raise ConfigurationError(f"{name('unique_redis_url')} must be a string, not {redact(url)!r}")
         until = conf.get("unique_until") or cls.until
         on_duplicate = conf.get("unique_on_duplicate") or cls.on_duplicate
+        on_store_error = conf.get("unique_on_store_error") or cls.on_store_error
         for setting, value, choices in (
             ("unique_until", until, UNTIL),
             ("unique_on_duplicate", on_duplicate, ON_DUPLICATE),
+            ("unique_on_store_error", on_store_error, ON_STORE_ERROR),
         ):
             if value not in choices:
                 raise ConfigurationError(
@@ -187,6 +191,7 @@ class UniqueConfig:
             cluster=cluster,
             until=until,
             on_duplicate=on_duplicate,
+            on_store_error=on_store_error,
             redis_url=url,
             key_prefix=prefix,
             socket_timeout=float(timeout),
@@ -393,6 +398,8 @@ class _AppState:
         self._target: StoreTarget | None = None
         self._store: LockStore | None = None
         self._redelivery_window: float | None = None
+        #: Task name -> when it last warned that it failed open (events.unlocked).
+        self.unlocked_warned: dict[str, float] = {}
 
     @property
     def redelivery_window(self) -> float:

@@ -22,7 +22,7 @@ from .task import UniqueTask
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .options import OnDuplicate, UniqueOn, Until
+    from .options import OnDuplicate, OnStoreError, UniqueOn, Until
 
 __all__ = ["unique_task"]
 
@@ -39,6 +39,7 @@ def unique_task(
     unique_on: UniqueOn | None = ...,
     unique_until: Until | None = ...,
     on_duplicate: OnDuplicate | None = ...,
+    unique_on_store_error: OnStoreError | None = ...,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], _T]: ...
 
@@ -51,6 +52,7 @@ def unique_task(
     unique_on: UniqueOn | None = ...,
     unique_until: Until | None = ...,
     on_duplicate: OnDuplicate | None = ...,
+    unique_on_store_error: OnStoreError | None = ...,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], UniqueTask]: ...
 
@@ -63,6 +65,7 @@ def unique_task(
     unique_on: UniqueOn | None = _UNSET,
     unique_until: Until | None = _UNSET,
     on_duplicate: OnDuplicate | None = _UNSET,
+    unique_on_store_error: OnStoreError | None = _UNSET,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], UniqueTask]:
     """Return ``app.task`` (or ``shared_task``) for a ``UniqueTask``, typed.
@@ -77,6 +80,7 @@ def unique_task(
         "unique_on": unique_on,
         "unique_until": unique_until,
         "on_duplicate": on_duplicate,
+        "unique_on_store_error": unique_on_store_error,
     }
     options.update((name, value) for name, value in given.items() if value is not _UNSET)
     decorator: Callable[[Callable[..., Any]], UniqueTask] = (

@@ -39,12 +39,20 @@ from .compat import BEAT_HEADER
 from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
 from .execution import eager_calls
-from .headers import LOCK_HEADER, NONCE_HEADER, UNTIL_HEADER
+from .headers import LOCK_HEADER, NONCE_HEADER, OWN_HEADERS, UNLOCKED_HEADER, UNTIL_HEADER
 from .holders import looks_up_any_task, take_over_if_finished
 from .ids import new_task_id
 from .keys import lock_key
 from .lock import AcquireError, LockStore
-from .options import ON_DUPLICATE, OPTION_NAMES, UNTIL, UniqueOptions, check_choice, check_unique_on
+from .options import (
+    ON_DUPLICATE,
+    ON_STORE_ERROR,
+    OPTION_NAMES,
+    UNTIL,
+    UniqueOptions,
+    check_choice,
+    check_unique_on,
+)
 from .signals import in_beat
 from .ttl import delay_ms, ttl_ms
 
@@ -92,11 +100,14 @@ def resolve_options(
     """Resolve and check a call's options: per call, then task attribute, then app setting, then default."""
     until = requested.get("unique_until") or task.unique_until or config.until
     on_duplicate = requested.get("on_duplicate") or task.on_duplicate or config.on_duplicate
+    on_store_error = (
+        requested.get("unique_on_store_error") or task.unique_on_store_error or config.on_store_error
+    )
     unique_on = requested.get("unique_on", task.unique_on)
     # Checked once per distinct combination: calls repeat a handful of them.
     cache: dict[Any, UniqueOptions] = task.__dict__.setdefault("_unique_options", {})
     try:
-        cache_key: Any = (ttl, type(ttl), until, on_duplicate, unique_on, type(unique_on))
+        cache_key: Any = (ttl, type(ttl), until, on_duplicate, on_store_error, unique_on, type(unique_on))
         return cache[cache_key]
     except TypeError:  # an unhashable unique_on (a list): checked every time
         cache_key = None
@@ -108,14 +119,18 @@ def resolve_options(
         unique_on=check_unique_on(name, unique_on),
         until=check_choice(name, "unique_until", until, UNTIL),
         on_duplicate=check_choice(name, "on_duplicate", on_duplicate, ON_DUPLICATE),
+        on_store_error=check_choice(name, "unique_on_store_error", on_store_error, ON_STORE_ERROR),
     )
     if cache_key is not None and len(cache) < 256:
         cache[cache_key] = options
     return options
 
 
-def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | AsyncResult[Any]:
+def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | AsyncResult[Any] | None:
     """Take the call's lock: the lock store that holds it, or the duplicate's result.
+
+    None when the lock store failed and the call fails open
+    (``unique_on_store_error="enqueue"``): it goes out without a lock.
 
     Fills in the call's lock fields first (its resolved options, its key,
     the task id the lock holds and its nonce) and puts the lock's headers in
@@ -146,25 +161,35 @@ def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | Asyn
     options["headers"] = headers
 
     try:
-        store = state.store
-    except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
-        raise LockStoreError.from_error(task.name, key, exc) from exc
-    holder = _acquire(call, store, lock_ttl_ms)
-    # A throttle's holder stands for the whole TTL: no state to read.
-    checks = state.config.check_holder and unique.until != "expiry"
-    if holder is not None and holder != task_id and checks:
-        backend = task.backend
-        if looks_up_any_task(backend) and not _eager_without_results(app):
-            holder = take_over_if_finished(
-                task, store, backend, key, holder, task_id, lock_ttl_ms, unique.until, nonce
-            )
+        try:
+            store = state.store
+        except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
+            raise LockStoreError.from_error(task.name, key, exc) from exc
+        holder = _acquire(call, store, lock_ttl_ms)
+        # A throttle's holder stands for the whole TTL: no state to read.
+        checks = state.config.check_holder and unique.until != "expiry"
+        if holder is not None and holder != task_id and checks:
+            backend = task.backend
+            if looks_up_any_task(backend) and not _eager_without_results(app):
+                try:
+                    holder = take_over_if_finished(
+                        task, store, backend, key, holder, task_id, lock_ttl_ms, unique.until, nonce
+                    )
+                except redis.RedisError as exc:
+                    events.store_error(task)
+                    raise LockStoreError.from_error(task.name, key, exc) from exc
+    except LockStoreError as exc:
+        if unique.on_store_error != "enqueue":
+            raise
+        _fail_open(call, exc)
+        return None
     if holder is None:
         events.taken(task, key, task_id, lock_ttl_ms)
         return store
     return _refuse(call, holder)
 
 
-def lock_here(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | AsyncResult[Any]:
+def lock_here(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | AsyncResult[Any] | None:
     """:func:`lock` for a call ``apply()`` runs here and now: a refusal is awaited here."""
     token = _running_here.set(True)
     try:
@@ -221,6 +246,16 @@ def _acquire(call: Call, store: LockStore, lock_ttl_ms: int) -> str | None:
             # server it would wait out a second timeout first.
             clean_up_later(store, call.key, task_id, call.nonce or "")
         raise LockStoreError.from_error(call.task.name, call.key, exc) from exc
+
+
+def _fail_open(call: Call, error: LockStoreError) -> None:
+    # The call goes out as a plain task: no lock header, so that no worker
+    # ends a lock that does not exist; a header of its own says why. An
+    # acquire that may still be applied was queued for a background release.
+    headers = {k: v for k, v in call.options["headers"].items() if k not in OWN_HEADERS}
+    headers[UNLOCKED_HEADER] = call.key
+    call.options["headers"] = headers
+    events.unlocked(call.task, call.key, error)
 
 
 def _refuse(call: Call, holder: str) -> AsyncResult[Any]:

@@ -9,6 +9,8 @@ released          DEBUG      ``lock_released``      ``celery_unique_released_tot
 kept (at an end)  DEBUG
 taken over        INFO       ``lock_taken_over``    ``celery_unique_taken_over_total``
 store error       WARNING                           ``celery_unique_store_errors_total``
+sent unlocked     WARNING                           ``celery_unique_unlocked_total``
+(fail-open)       (once a minute per task)
 ================  =========  =====================  ===============================
 
 Every line is logged by the ``celery_unique`` logger and names the task,
@@ -20,11 +22,14 @@ counting costs one call of a function that does nothing.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from celery.utils.dispatch import Signal
 
 from . import metrics
+from .config import app_state
 
 __all__ = [
     "kept",
@@ -36,6 +41,7 @@ __all__ = [
     "taken",
     "taken_over",
     "task_duplicate",
+    "unlocked",
 ]
 
 logger = logging.getLogger("celery_unique")
@@ -105,3 +111,27 @@ def taken_over(task: Any, key: str, holder: str, task_id: str, state: str | None
 def store_error(task: Any) -> None:
     """The lock store failed a call of ``task`` (the caller logs or raises it)."""
     metrics.store_error(_name(task))
+
+
+#: Seconds between two fail-open warnings of one task.
+UNLOCKED_WARNING_INTERVAL = 60.0
+_UNLOCKED_LOCK = threading.Lock()
+
+
+def unlocked(task: Any, key: str, error: BaseException) -> None:
+    """The lock store failed and the call went out without its lock (fail-open)."""
+    name = _name(task)
+    metrics.unlocked(name)
+    now = time.monotonic()
+    # When each task last warned, kept on its app's state.
+    warned = app_state(task._get_app()).unlocked_warned
+    with _UNLOCKED_LOCK:
+        last = warned.get(name)
+        if last is not None and now - last < UNLOCKED_WARNING_INTERVAL:
+            return
+        warned[name] = now
+    logger.warning(
+        "celery_unique: %s sent without its lock %s: the lock store failed (%s); "
+        "calls of it are not deduplicated until it is back (said once a minute)",
+        name, key, error,
+    )

@@ -29,6 +29,7 @@ __all__ = [
     "OWN_HEADERS",
     "RECEIVED_KEY",
     "REPLACES_HEADER",
+    "UNLOCKED_HEADER",
     "UNTIL_HEADER",
     "Carried",
     "carried_by",
@@ -46,12 +47,17 @@ NONCE_HEADER = "celery_unique_nonce"
 REPLACES_HEADER = "celery_unique_replaces"
 #: Set on a copy published again because another copy of its attempt ran.
 HELD_HEADER = "celery_unique_held"
+#: On a call that went out without its lock (the lock store failed, and the
+#: call fails open): the key it would have taken.
+UNLOCKED_HEADER = "celery_unique_unlocked"
 #: The worker's stamp: when it received the message (seconds since the epoch).
 RECEIVED_KEY = "celery_unique_received"
 
 #: The package's own headers: never taken from a caller's headers, which are
 #: often forwarded from another task's request.
-OWN_HEADERS = (LOCK_HEADER, UNTIL_HEADER, NONCE_HEADER, REPLACES_HEADER, HELD_HEADER, RECEIVED_KEY)
+OWN_HEADERS = (
+    LOCK_HEADER, UNTIL_HEADER, NONCE_HEADER, REPLACES_HEADER, HELD_HEADER, RECEIVED_KEY, UNLOCKED_HEADER,
+)
 
 
 class Carried(NamedTuple):

@@ -2,8 +2,8 @@
 
 Each option can be given per call (``apply_async(..., opt=...)`` or
 ``.set(opt=...)`` on a signature), as a task attribute
-(``@app.task(base=UniqueTask, opt=...)``) or, for ``unique_until`` and
-``on_duplicate``, as an app setting. Per call wins over the task attribute,
+(``@app.task(base=UniqueTask, opt=...)``) or, for ``unique_until``,
+``on_duplicate`` and ``unique_on_store_error``, as an app setting. Per call wins over the task attribute,
 which wins over the app setting, which wins over the built-in default.
 """
 
@@ -15,11 +15,13 @@ from typing import Any, Literal, NamedTuple
 from .errors import UniqueTypeError, UniqueValueError
 
 __all__ = [
-    "ON_DUPLICATE", "OPTION_NAMES", "UNSET", "UNTIL", "UniqueOptions", "check_choice", "check_unique_on",
+    "ON_DUPLICATE", "ON_STORE_ERROR", "OPTION_NAMES", "UNSET", "UNTIL", "UniqueOptions",
+    "check_choice", "check_unique_on",
 ]
 
 Until = Literal["success", "finish", "start", "expiry"]
 OnDuplicate = Literal["raise", "existing"]
+OnStoreError = Literal["raise", "enqueue"]
 #: Names of the parameters that make up the key (a lone string is one name):
 #: the types check_unique_on takes, no other sequence or set.
 UniqueOn = str | list[str] | tuple[str, ...] | set[str] | frozenset[str]
@@ -30,9 +32,12 @@ UNTIL: tuple[Until, ...] = ("success", "finish", "start", "expiry")
 #: What a duplicate enqueue does: raise DuplicateTaskError, or return the
 #: holder's AsyncResult.
 ON_DUPLICATE: tuple[OnDuplicate, ...] = ("raise", "existing")
+#: What a call does when the lock store fails: raise LockStoreError, or
+#: publish the task without a lock (fail-open).
+ON_STORE_ERROR: tuple[OnStoreError, ...] = ("raise", "enqueue")
 
 #: Options a caller may pass to apply_async; they never reach kombu.
-OPTION_NAMES = ("unique", "unique_on", "unique_until", "on_duplicate")
+OPTION_NAMES = ("unique", "unique_on", "unique_until", "on_duplicate", "unique_on_store_error")
 
 #: The default of an option left out, where ``None`` says something (``unique_on=None``: all arguments).
 UNSET: Any = object()
@@ -45,6 +50,7 @@ class UniqueOptions(NamedTuple):
     unique_on: tuple[str, ...] | None
     until: Until
     on_duplicate: OnDuplicate
+    on_store_error: OnStoreError = "raise"
 
 
 def check_choice(task_name: str, option: str, value: Any, choices: Sequence[str]) -> Any:

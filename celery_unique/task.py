@@ -24,7 +24,7 @@ from .enqueue import from_schedule, lock, lock_here, publish, take_unique_option
 from .execution import RUN_ATTR, Run, eager_calls, hold_back
 from .headers import LOCK_HEADER, drop_own_headers
 from .option_names import check_option_names
-from .options import UNSET, OnDuplicate, UniqueOn, Until, check_unique_on
+from .options import UNSET, OnDuplicate, OnStoreError, UniqueOn, Until, check_unique_on
 from .switch import unlock_if_disabled
 from .typed import UniqueSignature, typed_apply_async
 
@@ -65,6 +65,8 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
     unique_until: Until | None = None
     #: What a duplicate does: "raise" or "existing" (return the holder's result).
     on_duplicate: OnDuplicate | None = None
+    #: What a lock-store error does: "raise" (LockStoreError) or "enqueue" (publish unlocked).
+    unique_on_store_error: OnStoreError | None = None
 
     #: The worker's request class: it ends the run of a task whose pool
     #: process died. Derive a request class of your own from it.
@@ -90,6 +92,7 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
             unique_on: UniqueOn | None = ...,
             unique_until: Until | None = ...,
             on_duplicate: OnDuplicate | None = ...,
+            unique_on_store_error: OnStoreError | None = ...,
             **options: Any,
         ) -> UniqueSignature: ...
 
@@ -127,6 +130,8 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         if ttl is None:
             return self._publish(call)
         locked = lock(call, ttl, requested)
+        if locked is None:  # failed open: no lock to give back
+            return self._publish(call)
         if isinstance(locked, AsyncResult):
             return locked
         return publish(call, locked)

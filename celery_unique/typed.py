@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from celery.result import AsyncResult
 
-    from .options import OnDuplicate, UniqueOn, Until
+    from .options import OnDuplicate, OnStoreError, UniqueOn, Until
 
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
             unique_on: UniqueOn | None = ...,
             unique_until: Until | None = ...,
             on_duplicate: OnDuplicate | None = ...,
+            unique_on_store_error: OnStoreError | None = ...,
             **options: Any,
         ) -> UniqueSignature: ...
 
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
             unique_on: UniqueOn | None = ...,
             unique_until: Until | None = ...,
             on_duplicate: OnDuplicate | None = ...,
+            unique_on_store_error: OnStoreError | None = ...,
             **options: Any,
         ) -> AsyncResult[Any]: ...
 
@@ -81,6 +83,7 @@ if TYPE_CHECKING:
         unique_on: UniqueOn | None = ...,
         unique_until: Until | None = ...,
         on_duplicate: OnDuplicate | None = ...,
+        unique_on_store_error: OnStoreError | None = ...,
         **options: Any,
     ) -> AsyncResult[Any]: ...
 
