@@ -57,7 +57,7 @@ def unlocked_total(task: str) -> float:
 
 def test_by_default_a_store_error_raises_and_publishes_nothing(down_app: Celery, broker: redis.Redis) -> None:
     """Without fail-open, a lock store that is down is a LockStoreError, and nothing is published."""
-    with pytest.raises(LockStoreError, match="open.sync"):
+    with pytest.raises(LockStoreError, match=r"open\.sync"):
         down_app.tasks["open.sync"].apply_async((1,), unique=60)
     assert queued(broker) == []
 
