@@ -142,7 +142,7 @@ class Settings:
     counted: tuple[int, int]
 
 
-FULL = Settings(rounds=8, tasks=500, warmup=25, counted=(200, 1000))
+FULL = Settings(rounds=12, tasks=500, warmup=25, counted=(200, 1000))
 QUICK = Settings(rounds=1, tasks=20, warmup=2, counted=(5, 25))
 
 
@@ -265,10 +265,14 @@ class Bench:
     def clean_up(self) -> None:
         self.stop_workers()
         self.flush()
-        self.client.delete(*(f"_kombu.binding.{q}" for q in all_queues()))
+        self.client.delete(
+            *(f"_kombu.{kind}.{q}" for q in all_queues() for kind in ("binding", "binding_permanent"))
+        )
         for key, existed in self.pidbox_existed.items():
             if not existed:
                 self.client.delete(key)
+                # Kombu's expiry of that binding (a zset member), if it keeps one.
+                self.client.zrem("_kombu.binding_deadlines", key.removeprefix("_kombu.binding."))
         self.client.close()
 
     def start_worker(self, variant: str, pool: str, tasks: int, warmup: int, profile: bool = False) -> Worker:
