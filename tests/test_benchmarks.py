@@ -1,4 +1,4 @@
-"""The enqueue benchmark runs end to end in quick mode; its timings are never asserted."""
+"""The benchmarks run end to end in quick mode; their timings are never asserted."""
 
 from __future__ import annotations
 
@@ -112,3 +112,70 @@ def test_option_checks_benchmark_runs() -> None:
     assert process.returncode == 0, process.stderr
     for check in ("check_option_names, no options", "unlock_if_disabled, locking off"):
         assert re.search(rf"^{check} +\d+ ns$", process.stdout, re.MULTILINE), process.stdout
+
+
+@pytest.fixture(scope="module")
+def worker_run(redis_server: RedisServer) -> QuickRun:
+    """One ``benchmarks.worker --quick`` run on the solo pool against the suite's Redis.
+
+    celery-once stands for the other libraries: each adds two worker starts
+    (the command count), and the run is kept under 20 s.
+    """
+    client = redis_server.client(BENCH_DB)
+    client.flushdb()
+    env = {**os.environ, "REDIS_URL": redis_server.url(BENCH_DB)}
+    process = subprocess.run(
+        [sys.executable, "-m", "benchmarks.worker", "--quick", "--pools", "solo",
+         "--variants", "unique,celery-once"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    leftovers = sorted(client.scan_iter(count=1000))
+    client.close()
+    return QuickRun(process, leftovers)
+
+
+def test_worker_quick_run_succeeds(worker_run: QuickRun) -> None:
+    """``python -m benchmarks.worker --quick`` exits 0 and deletes every key it made."""
+    assert worker_run.process.returncode == 0, worker_run.process.stderr + worker_run.process.stdout
+    assert worker_run.leftovers == []
+
+
+@pytest.mark.parametrize("variant", ["plain", "unique"])
+def test_worker_ratio_and_commands_printed(worker_run: QuickRun, variant: str) -> None:
+    """Each celery-unique variant gets a drain ratio, and its commands per task, enqueue and run."""
+    output = worker_run.process.stdout
+    assert re.search(rf"^ratio solo {variant}: \d+\.\d\d", output, re.MULTILINE), output
+    number = r"\d+\.\d\d"
+    assert re.search(
+        rf"^commands {variant}: enqueue {number} \({number} round trips, {number} in scripts\); "
+        rf"run {number} \({number} round trips", output, re.MULTILINE,
+    ), output
+
+
+def test_worker_unique_run_costs_one_round_trip_and_leaves_no_key(worker_run: QuickRun) -> None:
+    """Under Celery's defaults a unique run adds one EVALSHA to plain's commands and leaves no key."""
+    output = worker_run.process.stdout
+    extra = re.search(r"^commands unique: .*\n  extra vs plain: (.*)$", output, re.MULTILINE)
+    assert extra is not None, output
+    assert re.search(r"run evalsha \+1\.\d\d", extra.group(1)), extra.group(1)
+    assert re.search(r"^keys left unique: 0$", output, re.MULTILINE), output
+    assert re.search(r"^keys left after a timed batch, the most of any: plain 0, unique 0", output,
+                     re.MULTILINE), output
+
+
+def test_worker_threads_printed(worker_run: QuickRun) -> None:
+    """The threads a unique worker adds are named: the revoke watcher in its main process."""
+    output = worker_run.process.stdout
+    assert re.search(r"^threads solo unique: \+1 \(\+celery-unique-revoke-watcher\)$", output,
+                     re.MULTILINE), output
+
+
+def test_worker_other_library_or_skip_printed(worker_run: QuickRun) -> None:
+    """An installed competitor gets a drain ratio and a keys-left line; a missing one is skipped."""
+    variant, module = "celery-once", "celery_once"
+    output = worker_run.process.stdout
+    if importlib.util.find_spec(module) is None:
+        assert re.search(rf"^skipped {variant}: ", output, re.MULTILINE), output
+        return
+    assert re.search(rf"^ratio solo {variant}: \d+\.\d\d", output, re.MULTILINE), output
+    assert re.search(rf"^keys left {variant}: \d+", output, re.MULTILINE), output
