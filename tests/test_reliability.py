@@ -75,6 +75,10 @@ DISTINCT_ROUNDS = 100
 
 
 @pytest.mark.slow
+# The racers are forked so that they start at once; on Python 3.12+ forking
+# the test process (which has pytest-xdist's threads) warns, and the children
+# touch none of those threads.
+@pytest.mark.filterwarnings(r"ignore:This process \(pid=\d+\) is multi-threaded:DeprecationWarning")
 def test_concurrent_enqueues_publish_exactly_once(
     redis_server: RedisServer, broker: redis.Redis, locks: redis.Redis
 ) -> None:
