@@ -107,7 +107,7 @@ def test_reap_leaves_a_throttle_alone(
 
 def test_eager_run_keeps_the_lock(eager: Celery, throttled: SimpleNamespace, locks: redis.Redis) -> None:
     """An eager throttled call keeps its lock after it ran, like a worker's run."""
-    assert throttled.sync_inbox.apply_async((1,), unique=60).get() == 1
+    assert throttled.sync_inbox.apply_async((1,), unique=60).result == 1
     only_lock(locks)
     with pytest.raises(DuplicateTaskError):
         throttled.sync_inbox.apply_async((1,), unique=60)
