@@ -369,7 +369,9 @@ class Monitor(threading.Thread):
     def __init__(self, url: str) -> None:
         super().__init__(name="bench-monitor", daemon=True)
         self.client = redis.Redis.from_url(url, protocol=2)
-        self.connection = self.client.connection_pool.get_connection()
+        # A connection of its own, outside the pool: MONITOR takes it over for
+        # good (``get_connection``'s signature differs across redis-py 5.x).
+        self.connection = self.client.connection_pool.make_connection()
         self.connection.send_command("MONITOR")
         self.connection.read_response()
         self.phase = ""
