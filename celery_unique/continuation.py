@@ -26,7 +26,15 @@ from celery.exceptions import Ignore
 from .canvas import replacement_of
 from .config import app_state
 from .execution import _EAGER_RETRY, RUN_ATTR, Run, pending_eager_retry
-from .headers import LOCK_HEADER, NONCE_HEADER, REPLACES_HEADER, UNTIL_HEADER, carried_by
+from .headers import (
+    LOCK_HEADER,
+    NESTING_HEADER,
+    NONCE_HEADER,
+    REPLACES_HEADER,
+    UNTIL_HEADER,
+    carried_by,
+    nesting_of,
+)
 from .lock import Attempt
 
 __all__ = ["continue_run", "continued_run", "hand_over"]
@@ -82,7 +90,10 @@ def continue_run(task: Any, run: Any, options: Mapping[str, Any], publish: Calla
 
 def hand_over(task: Any, run: Run, sig: Any, replace: Callable[[], Any]) -> Any:
     """Hand ``run``'s lock to its replacement ``sig``, published by ``replace()`` under the same id."""
-    headers = {LOCK_HEADER: run.key, REPLACES_HEADER: run.task_id}
+    attempt = run.attempt._replace(nesting=run.attempt.nesting + 1, retries=0)
+    headers: dict[str, Any] = {
+        LOCK_HEADER: run.key, REPLACES_HEADER: run.task_id, NESTING_HEADER: attempt.nesting,
+    }
     if run.until != "success":
         headers[UNTIL_HEADER] = run.until
     if run.attempt.nonce:
@@ -90,7 +101,6 @@ def hand_over(task: Any, run: Run, sig: Any, replace: Callable[[], Any]) -> Any:
     final = replacement_of(sig, run.task_id)
     if final is not None:
         final.set(headers={**(final.options.get("headers") or {}), **headers})
-    attempt = run.attempt._replace(nesting=run.attempt.nesting + 1, retries=0)
     return continue_run(task, run, {"_attempt": attempt}, replace)
 
 
@@ -98,21 +108,20 @@ def _mark_continued(task: Any, run: Any, options: Mapping[str, Any]) -> None:
     # Sent after the publish (see CONTINUE_SCRIPT): a state the task
     # stores from now on (a retry with throw=False stores SUCCESS) is not
     # taken for the new attempt's, and copies of this attempt are dropped.
+    # A retry keeps its attempt's replace nesting, which the run read from
+    # its message (Celery 5.3 does not put it in the retry's options).
+    retries = int(options.get("retries") or 0)
     if isinstance(run, Run):
         if run.eager:
             return
-        key, nonce, state = run.key, run.attempt.nonce, run.state
+        key, state = run.key, run.state
+        attempt = options.get("_attempt") or run.attempt._replace(retries=retries)
     else:
         carried = carried_by(run.request_dict)
         if carried is None:
             return
-        key, nonce, state = carried.key, carried.nonce, app_state(task._get_app())
-    attempt = options.get("_attempt") or Attempt(
-        run.id if not isinstance(run, Run) else run.task_id,
-        int(options.get("replaced_task_nesting") or 0),
-        int(options.get("retries") or 0),
-        nonce,
-    )
+        key, state = carried.key, app_state(task._get_app())
+        attempt = Attempt(run.id, nesting_of(run.request_dict), retries, carried.nonce)
     try:
         state.store.continue_(key, attempt)
     except Exception as exc:

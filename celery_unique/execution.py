@@ -49,7 +49,7 @@ from celery.exceptions import Ignore
 from . import events, liveness
 from .config import app_state
 from .errors import ConfigurationError
-from .headers import HELD_HEADER, RECEIVED_KEY, Carried, carried_by, headers_of
+from .headers import HELD_HEADER, RECEIVED_KEY, Carried, carried_by, headers_of, nesting_of
 from .holders import stored_state
 from .keeper import keeper
 from .keys import marker_key
@@ -116,7 +116,7 @@ class Run:
         self.state = state
         self.attempt = Attempt(
             request.id,
-            int(getattr(request, "replaced_task_nesting", 0) or 0),
+            nesting_of(request),
             int(request.retries or 0),
             carried.nonce,
         )

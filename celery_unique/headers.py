@@ -7,6 +7,8 @@ header                      value
 ``celery_unique_until``     when to release, if not on success
 ``celery_unique_nonce``     the incarnation of a caller-chosen task id
 ``celery_unique_replaces``  on a replacement: the task id it continues
+``celery_unique_nesting``   on a replacement: its replace nesting, which
+                            Celery before 5.4 does not carry in a message
 ``celery_unique_held``      on a copy held back while another copy ran
 ==========================  ===============================================
 
@@ -25,6 +27,7 @@ from .options import UNTIL
 __all__ = [
     "HELD_HEADER",
     "LOCK_HEADER",
+    "NESTING_HEADER",
     "NONCE_HEADER",
     "OWN_HEADERS",
     "RECEIVED_KEY",
@@ -35,6 +38,7 @@ __all__ = [
     "carried_by",
     "drop_own_headers",
     "headers_of",
+    "nesting_of",
 ]
 
 #: The message header that carries a task's lock key to the worker.
@@ -45,6 +49,10 @@ UNTIL_HEADER = "celery_unique_until"
 NONCE_HEADER = "celery_unique_nonce"
 #: Set on a replacement's message: the task id whose lock it continues.
 REPLACES_HEADER = "celery_unique_replaces"
+#: Set on a replacement's message: its replace nesting. Celery 5.4+ carries
+#: ``replaced_task_nesting`` in the message; Celery 5.3 sets it on the
+#: signature and drops it, so its replacement would run as nesting 0.
+NESTING_HEADER = "celery_unique_nesting"
 #: Set on a copy published again because another copy of its attempt ran.
 HELD_HEADER = "celery_unique_held"
 #: On a call that went out without its lock (the lock store failed, and the
@@ -56,7 +64,8 @@ RECEIVED_KEY = "celery_unique_received"
 #: The package's own headers: never taken from a caller's headers, which are
 #: often forwarded from another task's request.
 OWN_HEADERS = (
-    LOCK_HEADER, UNTIL_HEADER, NONCE_HEADER, REPLACES_HEADER, HELD_HEADER, RECEIVED_KEY, UNLOCKED_HEADER,
+    LOCK_HEADER, UNTIL_HEADER, NONCE_HEADER, REPLACES_HEADER, NESTING_HEADER, HELD_HEADER, RECEIVED_KEY,
+    UNLOCKED_HEADER,
 )
 
 
@@ -84,6 +93,21 @@ def carried_by(headers: Mapping[str, Any] | None) -> Carried | None:
     until = headers.get(UNTIL_HEADER)
     nonce = headers.get(NONCE_HEADER)
     return Carried(key, until if until in UNTIL else "success", nonce if isinstance(nonce, str) else "")
+
+
+def nesting_of(fields: Any) -> int:
+    """The replace nesting of a message or request with ``fields`` (anything with ``.get``).
+
+    The package's own header first (see :data:`NESTING_HEADER`), then
+    Celery's ``replaced_task_nesting``.
+    """
+    nesting = fields.get(NESTING_HEADER)
+    if nesting is None:
+        nesting = fields.get("replaced_task_nesting")
+    try:
+        return int(nesting or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def drop_own_headers(options: dict[str, Any]) -> None:

@@ -43,6 +43,7 @@ import redis
 from redis.exceptions import NoScriptError
 from redis.sentinel import SentinelConnectionPool
 
+from .headers import nesting_of
 from .keys import former_marker_key, marker_key
 
 __all__ = [
@@ -89,9 +90,8 @@ class Attempt(NamedTuple):
 
 
 def attempt_of(task_id: str, headers: Any, nonce: str) -> Attempt:
-    """The attempt of a message with ``headers`` (Celery's ``retries`` and ``replaced_task_nesting``)."""
-    get = headers.get
-    return Attempt(task_id, int(get("replaced_task_nesting") or 0), int(get("retries") or 0), nonce)
+    """The attempt of a message with ``headers``: its replace nesting and Celery's ``retries``."""
+    return Attempt(task_id, nesting_of(headers), int(headers.get("retries") or 0), nonce)
 
 
 #: How a run ends, as the lock store sees it (see END_SCRIPT).

@@ -22,7 +22,7 @@ from celery_unique.lock import running_marker_key
 from celery_unique.testing import RedisServer
 from tests.conftest import LOCK_DB, wait_until
 from tests.lifecycle_support import REDELIVER, Lifecycle, events, lock_of, pids, stored, wait_event
-from tests.versions import OLDEST, QUICK_REDELIVERY, known_gap_on_oldest, needs_quick_redelivery
+from tests.versions import QUICK_REDELIVERY, needs_quick_redelivery
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,6 @@ def test_sigterm_terminate_releases_at_once(
     (True, "success", False),
     (True, "finish", True),
 ])
-@pytest.mark.skipif(OLDEST, reason=known_gap_on_oldest)
 def test_replace_hands_the_lock_to_the_replacement(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path, fail: bool, until: str, released: bool
 ) -> None:

@@ -33,9 +33,7 @@ from tests.lifecycle_support import (
 )
 from tests.versions import (
     CELERY_57,
-    OLDEST,
     QUICK_REDELIVERY,
-    known_gap_on_oldest,
     needs_celery_57,
     needs_quick_redelivery,
 )
@@ -65,7 +63,6 @@ def test_task_id_reused_after_its_run_runs_again(
         wait_until(lambda: not locks.exists(key), what="second release")
 
 
-@pytest.mark.skipif(OLDEST, reason=known_gap_on_oldest)
 @pytest.mark.parametrize("backend", [True, False])
 def test_replace_inside_a_chain_releases_when_the_replacement_ends(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path, backend: bool
@@ -270,7 +267,6 @@ def test_chain_member_that_retries_keeps_its_lock_then_the_chain_goes_on(
         wait_until(lambda: not [k for k in locks.keys("unique:*") if b":run:" not in k], what="all released")
 
 
-@pytest.mark.skipif(OLDEST, reason=known_gap_on_oldest)
 def test_replace_with_a_group_releases_when_the_group_is_done(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
 ) -> None:
@@ -286,7 +282,6 @@ def test_replace_with_a_group_releases_when_the_group_is_done(
         wait_until(lambda: not locks.exists(key), what="released after the group")
 
 
-@pytest.mark.skipif(OLDEST, reason=known_gap_on_oldest)
 def test_replace_with_a_chain_releases_when_the_chain_is_done(
     redis_server: RedisServer, locks: redis.Redis, tmp_path: Path
 ) -> None:
