@@ -62,7 +62,7 @@ def connect(target: StoreTarget, socket_timeout: float) -> Any:
         return _sentinel_master(target, kwargs)
     if target.cluster:
         return _cluster(target, kwargs)
-    kwargs.setdefault("retry", _retry_once())
+    _retry_once(kwargs)
     # Bounded, and blocking when every connection is out: a gevent worker or
     # producer running hundreds of greenlets shares a few connections
     # instead of opening one per greenlet.
@@ -74,8 +74,16 @@ def connect(target: StoreTarget, socket_timeout: float) -> Any:
     return redis.Redis(connection_pool=pool)
 
 
-def _retry_once() -> Retry:
-    return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+def _retry_once(kwargs: dict[str, Any]) -> None:
+    """Resend a command once on a dropped connection, unless the URL says otherwise.
+
+    Every script is safe to send twice (see :mod:`celery_unique.lock`).
+    ``retry_on_error`` as well as ``retry``: before 5.1, redis-py retries a
+    command only for the errors that one names, whatever ``retry`` says.
+    """
+    if "retry" not in kwargs:
+        kwargs["retry"] = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+        kwargs.setdefault("retry_on_error", [redis.ConnectionError])
 
 
 def _sentinel_master(target: StoreTarget, kwargs: dict[str, Any]) -> redis.Redis:
@@ -83,7 +91,7 @@ def _sentinel_master(target: StoreTarget, kwargs: dict[str, Any]) -> redis.Redis
     for name in ("socket_timeout", "socket_connect_timeout"):
         sentinel_kwargs.setdefault(name, kwargs[name])
     db = kwargs.pop("db", 0)
-    kwargs.setdefault("retry", _retry_once())
+    _retry_once(kwargs)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(target.address.sentinels), sentinel_kwargs=sentinel_kwargs, **kwargs
     )

@@ -34,7 +34,6 @@ from tests.cluster_support import SLOTS, LocalCluster
 from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB, wait_until
 from tests.lifecycle_support import REDELIVER, SCRATCH_DB, Lifecycle, events, lock_of, stored, wait_event
 from tests.reply_dropper import ReplyDropper
-from tests.versions import OLDEST, known_gap_on_oldest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: unique_running_ttl of the marked runs below (REDELIVER's): renewed every third of it.
@@ -179,7 +178,6 @@ def test_keeper_logs_a_store_that_blinks_and_puts_the_marker_back(
 # -- a lost reply -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(OLDEST, reason=known_gap_on_oldest)
 @pytest.mark.parametrize("task_id", [None, "chosen-8"], ids=["generated id", "chosen id"])
 def test_take_over_whose_reply_was_lost_holds_the_lock_and_publishes_once(
     redis_server: RedisServer, broker: redis.Redis, task_id: str | None

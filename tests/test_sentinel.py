@@ -23,7 +23,6 @@ from celery_unique import ConfigurationError, DuplicateTaskError, LockStoreError
 from celery_unique.testing import RedisServer, free_port
 from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB, wait_until
 from tests.topology import SentinelTopology
-from tests.versions import OLDEST, known_gap_on_oldest
 
 QUEUE = "sentinel"
 MASTER = "mymaster"
@@ -271,7 +270,6 @@ RELEASE_FAULTS = {
 }
 
 
-@pytest.mark.skipif(OLDEST, reason=known_gap_on_oldest)
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", sorted(RELEASE_FAULTS))
 def test_release_after_failover_reaches_the_new_primary(redis_server: RedisServer, fault: str) -> None:

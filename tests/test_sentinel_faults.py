@@ -23,7 +23,6 @@ from tests.conftest import LOCK_DB
 from tests.reply_dropper import ReplyDropper
 from tests.test_sentinel import MASTER, SOCKET_TIMEOUT, make_app, queued
 from tests.topology import SentinelTopology
-from tests.versions import OLDEST, known_gap_on_oldest
 
 ACQUIRE_SHA = hashlib.sha1(LockStore.ACQUIRE_SCRIPT.encode()).hexdigest().encode()
 
@@ -57,7 +56,6 @@ CALLS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-@pytest.mark.skipif(OLDEST, reason=known_gap_on_oldest)
 @pytest.mark.parametrize("call", sorted(CALLS))
 def test_acquire_whose_reply_was_lost_takes_the_lock_and_publishes_once(
     redis_server: RedisServer,
