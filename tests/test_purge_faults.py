@@ -10,7 +10,6 @@ from typing import Any
 
 import amqp
 import kombu
-import pytest
 import redis
 from celery import Celery
 
@@ -19,7 +18,6 @@ from celery_unique.testing import RedisServer
 from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB
 from tests.rabbitmq import make_app, message_count, worker_env
 from tests.test_admin import celery_cli
-from tests.versions import OLDEST, known_gap_on_oldest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +69,6 @@ def declared(url: str, queue: str) -> bool:
         return True
 
 
-@pytest.mark.skipif(OLDEST, reason=known_gap_on_oldest)
 def test_purge_goes_past_a_queue_rabbitmq_does_not_know(
     rabbitmq_url: str, redis_server: RedisServer, locks: redis.Redis
 ) -> None:

@@ -32,8 +32,3 @@ QUICK_REDELIVERY = KOMBU >= (5, 7)
 needs_django_task = "needs Celery 5.4+, whose DjangoTask UniqueDjangoTask extends"
 needs_celery_57 = "needs Celery 5.7+"
 needs_quick_redelivery = "needs kombu 5.7+ (unacked_restore_interval) to redeliver within seconds"
-
-#: The oldest pins in tox.ini (Celery 5.3, redis-py 5.0.1): what the protocol
-#: round does not reach there yet is listed under "Known issues" in CHANGELOG.md.
-OLDEST = CELERY < (5, 4)
-known_gap_on_oldest = "not yet on Celery 5.3 with redis-py 5.0 (CHANGELOG.md, Known issues)"
