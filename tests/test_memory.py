@@ -49,8 +49,9 @@ WARMUP = 1100
 #: allocate once what tracing itself needs.
 TRACED_WARMUP = 100
 #: Large enough that a table or cache of Celery's, kombu's or the
-#: interpreter's growing once in a batch (a few KB) stays well inside MARGIN.
-CALLS = 1000
+#: interpreter's growing once in a batch (a few KB) stays inside MARGIN; the
+#: traced calls are most of this file's time (about 3 ms each).
+CALLS = 600
 #: Bytes per call a path may keep beyond its baseline: far below one retained
 #: object of the call (a task id alone is 85 bytes), above allocator noise.
 MARGIN = 16
