@@ -42,10 +42,12 @@ from typing import Any, TypeVar
 import redis
 
 T = TypeVar("T")
+S = TypeVar("S", bound="Service")
 
 __all__ = [
     "LockDatabase",
     "RedisServer",
+    "Service",
     "celery_unique_app",
     "clear_locks",
     "clear_unique_locks",
@@ -100,7 +102,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
+class Service:
+    """A server or proxy a test starts: ``with`` starts it, and closes it at the end."""
+
+    def start(self: S) -> S:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: S) -> S:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RedisServer(Service):
     """A ``redis-server`` process on ``127.0.0.1``, for tests and demos."""
 
     def __init__(self, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
@@ -168,17 +191,6 @@ class RedisServer:
         """Stop the server and remove its working directory."""
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class LockDatabase(redis.Redis):

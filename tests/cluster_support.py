@@ -5,16 +5,15 @@ from __future__ import annotations
 import random
 import socket
 import time
-from types import TracebackType
 
 import redis
 
-from celery_unique.testing import RedisServer
+from celery_unique.testing import RedisServer, Service
 
 SLOTS = 16384
 
 
-class LocalCluster:
+class LocalCluster(Service):
     """Three ``redis-server --cluster-enabled`` primaries sharing the 16384 slots."""
 
     def __init__(self, primaries: int = 3) -> None:
@@ -61,17 +60,6 @@ class LocalCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
-
-    def __enter__(self) -> LocalCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _cluster_port() -> int:

@@ -55,7 +55,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
@@ -64,6 +63,7 @@ import kombu
 from celery import Celery
 
 from celery_unique import UniqueTask
+from celery_unique.testing import Service
 from tests.reliability_support import celery_worker_process as worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +122,7 @@ def _accepts(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-class RabbitMQServer:
+class RabbitMQServer(Service):
     """A RabbitMQ node of its own on ``127.0.0.1``, for tests.
 
     ``vhosts`` virtual hosts are created at boot, where each costs some CPU;
@@ -268,17 +268,6 @@ class RabbitMQServer:
             with suppress(OSError):
                 text += path.read_text(errors="replace").splitlines()[-lines:]
         return " / ".join(line.strip() for line in text if line.strip()) or "(no output)"
-
-    def __enter__(self) -> RabbitMQServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- internals -----------------------------------------------------------------------------
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import socket
 import threading
 from contextlib import suppress
-from types import TracebackType
+
+from celery_unique.testing import Service
 
 HOST = "127.0.0.1"
 
 
-class ReplyDropper:
+class ReplyDropper(Service):
     """Forwards loopback connections to one Redis port and drops one reply when armed."""
 
     def __init__(self, target_port: int) -> None:
@@ -59,17 +60,6 @@ class ReplyDropper:
         for link in links:
             link.close()
         self._thread.join(timeout=5)
-
-    def __enter__(self) -> ReplyDropper:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _takes(self, command: list[bytes]) -> bool:
         # Whether ``command`` is the armed one; disarms on a match.
