@@ -32,7 +32,7 @@ from redis.exceptions import RedisClusterException
 
 from .config import app_state
 from .errors import ConfigurationError, LockStoreError
-from .holders import stored_states, take_over_if_finished
+from .holders import Claim, stored_states, take_over_if_finished
 from .ids import issued_at
 from .keys import escape, unescape
 from .lock import marker_says_running, running_marker_key
@@ -274,9 +274,8 @@ return released
         with self._errors(task_name, pattern):
             for lock in self.iter_locks(task_name, queue):
                 until = self._until(lock.task_name)
-                finished = take_over_if_finished(
-                    lock.task_name, store, backend, lock.key, lock.task_id, "", 0, until
-                )
+                claim = Claim(lock.key, lock.task_id, "", 0, until)
+                finished = take_over_if_finished(lock.task_name, store, backend, claim)
                 if finished is None:
                     reaped += 1
         return reaped

@@ -40,7 +40,7 @@ from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
 from .execution import eager_calls
 from .headers import LOCK_HEADER, NONCE_HEADER, OWN_HEADERS, UNLOCKED_HEADER, UNTIL_HEADER
-from .holders import looks_up_any_task, take_over_if_finished
+from .holders import Claim, looks_up_any_task, take_over_if_finished
 from .ids import new_task_id
 from .keys import lock_key
 from .lock import AcquireError, LockStore
@@ -172,9 +172,8 @@ def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | Asyn
             backend = task.backend
             if looks_up_any_task(backend) and not _eager_without_results(app):
                 try:
-                    holder = take_over_if_finished(
-                        task, store, backend, key, holder, task_id, lock_ttl_ms, unique.until, nonce
-                    )
+                    claim = Claim(key, holder, task_id, lock_ttl_ms, unique.until, nonce)
+                    holder = take_over_if_finished(task, store, backend, claim)
                 except redis.RedisError as exc:
                     events.store_error(task)
                     raise LockStoreError.from_error(task.name, key, exc) from exc

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import states
 from celery.backends.base import BaseKeyValueStoreBackend, DisabledBackend
@@ -38,6 +38,7 @@ from .lock import LockStore, marker_says_running
 
 __all__ = [
     "FINISHED",
+    "Claim",
     "finished",
     "looks_up_any_task",
     "stored_state",
@@ -134,23 +135,27 @@ def finished(state: str | None, until: str) -> bool:
     return state is not None and state in FINISHED.get(until, FINISHED["success"])
 
 
-def take_over_if_finished(
-    task: Any,
-    store: LockStore,
-    backend: Any,
-    key: str,
-    holder: str,
-    task_id: str,
-    ttl_ms: int,
-    until: str,
-    nonce: str | None = None,
-) -> str | None:
-    """Give ``holder``'s lock to ``task_id`` if the holder has finished; None if given.
+class Claim(NamedTuple):
+    """A call's claim on a lock that ``holder`` holds: what a take-over needs."""
+
+    key: str
+    holder: str
+    #: The claimant's id; empty for the reaper, which only releases.
+    task_id: str
+    ttl_ms: int
+    #: The holder's ``unique_until``: what counts as finished.
+    until: str
+    nonce: str | None = None
+
+
+def take_over_if_finished(task: Any, store: LockStore, backend: Any, claim: Claim) -> str | None:
+    """Give the lock to ``claim.task_id`` if its holder has finished; None if given.
 
     Returns the holder's id while it stands. An empty ``task_id`` releases
     the lock instead (the reaper's use). ``task`` (or a task name) names the
     call for the log line and the ``lock_taken_over`` signal.
     """
+    key, holder, task_id, ttl_ms, until, nonce = claim
     state = stored_state(backend, holder)
     if not finished(state, until):
         return holder
