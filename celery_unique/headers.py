@@ -8,6 +8,8 @@ header                      value
 ``celery_unique_nonce``     the incarnation of a caller-chosen task id
 ``celery_unique_replaces``  on a replacement: the task id it continues
 ``celery_unique_held``      on a copy held back while another copy ran
+``celery_unique_ticket``    the lock for the package's transport to take as
+                            it queues the message; it takes it out first
 ==========================  ===============================================
 
 A worker stamps ``celery_unique_received`` (when it received the message)
@@ -29,6 +31,7 @@ __all__ = [
     "OWN_HEADERS",
     "RECEIVED_KEY",
     "REPLACES_HEADER",
+    "TICKET_HEADER",
     "UNLOCKED_HEADER",
     "UNTIL_HEADER",
     "Carried",
@@ -50,6 +53,9 @@ HELD_HEADER = "celery_unique_held"
 #: On a call that went out without its lock (the lock store failed, and the
 #: call fails open): the key it would have taken.
 UNLOCKED_HEADER = "celery_unique_unlocked"
+#: The lock the package's transport takes as it queues the message (see
+#: :mod:`celery_unique.atomic`): a :class:`celery_unique.lock.Ticket` as a list.
+TICKET_HEADER = "celery_unique_ticket"
 #: The worker's stamp: when it received the message (seconds since the epoch).
 RECEIVED_KEY = "celery_unique_received"
 
@@ -57,6 +63,7 @@ RECEIVED_KEY = "celery_unique_received"
 #: often forwarded from another task's request.
 OWN_HEADERS = (
     LOCK_HEADER, UNTIL_HEADER, NONCE_HEADER, REPLACES_HEADER, HELD_HEADER, RECEIVED_KEY, UNLOCKED_HEADER,
+    TICKET_HEADER,
 )
 
 
