@@ -50,10 +50,10 @@ __all__ = [
     "AcquireError",
     "Attempt",
     "LockStore",
-    "Ticket",
-    "enqueue_locked",
     "Outcome",
+    "Ticket",
     "attempt_of",
+    "enqueue_locked",
     "marker_says_running",
     "running_marker_key",
 ]
@@ -551,7 +551,8 @@ return false
         None if both were done (or a resend found them done), else the
         holder, and nothing was written. The queue is in this client's database.
         """
-        db = int(self.client.connection_pool.connection_kwargs.get("db") or 0)
+        pool: Any = getattr(self.client, "connection_pool", None)
+        db = int(pool.connection_kwargs.get("db") or 0) if pool is not None else 0
         return enqueue_locked(self.client, queue_key, message, ticket, db)
 
     def take_over(

@@ -32,18 +32,17 @@ class _AtomicPut:
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         headers = message.get("headers")
-        ticket = headers.get(TICKET_HEADER) if isinstance(headers, dict) else None
-        if ticket is None:
-            super()._put(queue, message, **kwargs)  # type: ignore[misc]
+        if not isinstance(headers, dict) or headers.get(TICKET_HEADER) is None:
+            super()._put(queue, message, **kwargs)  # type: ignore[misc,unused-ignore]
             return
         # A copy without the ticket: kombu resends this very message after a
         # lost connection, and the worker never sees the ticket.
         message = {**message, "headers": {k: v for k, v in headers.items() if k != TICKET_HEADER}}
-        ticket = Ticket(*ticket)
+        ticket = Ticket(*headers[TICKET_HEADER])
         asking = waiting.get()
         if asking is None or asking.task_id != ticket.task_id:
             # No enqueue would hear of a refusal: kombu queues it as it is.
-            super()._put(queue, message, **kwargs)  # type: ignore[misc]
+            super()._put(queue, message, **kwargs)  # type: ignore[misc,unused-ignore]
             return
         channel: Any = self
         priority = channel._get_message_priority(message, reverse=False)
@@ -56,27 +55,33 @@ class _AtomicPut:
         # sent now, since the enqueue waits on its answer.
         with channel.conn_or_acquire() as client:
             holder = enqueue_locked(
-                client, channel._q_for_pri(queue, priority), dumps(message), ticket, db, expire
+                client, channel._q_for_pri(queue, priority), _dumps(message), ticket, db, expire
             )
         asking.holder = holder
         asking.answered = True
 
 
-class Channel(_AtomicPut, kombu_redis.Channel):  # type: ignore[misc]
+def _dumps(message: dict[str, Any]) -> str:
+    # kombu's own serializer of a queued message, as its ``_put`` uses it.
+    text: str = dumps(message)  # type: ignore[no-untyped-call,unused-ignore]
+    return text
+
+
+class Channel(_AtomicPut, kombu_redis.Channel):  # type: ignore[misc,unused-ignore]
     """kombu's Redis channel, queueing a unique task's message under its lock."""
 
 
-class SentinelChannel(_AtomicPut, kombu_redis.SentinelChannel):  # type: ignore[misc]
+class SentinelChannel(_AtomicPut, kombu_redis.SentinelChannel):  # type: ignore[misc,unused-ignore]
     """kombu's Sentinel channel, queueing a unique task's message under its lock."""
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
-    """kombu's Redis transport with :class:`Channel`: ``broker_transport = "celery_unique.transport:Transport"``."""
+class Transport(kombu_redis.Transport):  # type: ignore[misc,unused-ignore]
+    """kombu's Redis transport with :class:`Channel`, for a ``redis://`` broker."""
 
     Channel = Channel
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]
+class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc,unused-ignore]
     """kombu's Sentinel transport with :class:`SentinelChannel`, for a ``sentinel://`` broker."""
 
     Channel = SentinelChannel

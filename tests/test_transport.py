@@ -96,14 +96,15 @@ def scripting_connections(server: RedisServer) -> set[str]:
 
 
 def test_unique_task_is_queued_by_one_script_runs_once_and_releases(redis_server: RedisServer) -> None:
-    """A unique call is queued by one EVALSHA (no SET or LPUSH of its own), runs once and releases its lock."""
+    """A unique call is queued by one EVALSHA (no SET or LPUSH of its own), runs once and releases."""
     app = make_app(redis_server)
     report = app.tasks["tests.transport.report"]
     redis_server.client().script_load(LockStore.ENQUEUE_SCRIPT)
     with monitored(redis_server) as seen:
         result = report.delay(1)
     scripts = outside_scripts(seen, "evalsha", "eval")
-    assert len(scripts) == 1 and scripts[0].startswith(f"EVALSHA {ENQUEUE_SHA} "), scripts
+    assert len(scripts) == 1, scripts
+    assert scripts[0].startswith(f"EVALSHA {ENQUEUE_SHA} "), scripts
     assert outside_scripts(seen, "set", "lpush") == []
     key = report.lock_key((1,), {}, {})
     locks = redis_server.client(LOCK_DB)
@@ -118,7 +119,7 @@ def test_unique_task_is_queued_by_one_script_runs_once_and_releases(redis_server
 def test_duplicate_is_refused_without_a_message_a_subscription_or_a_lost_connection(
     redis_server: RedisServer,
 ) -> None:
-    """A refused duplicate raises, queues nothing, leaves no result subscription, and keeps its pooled connection."""
+    """A refused duplicate raises, queues nothing, leaves no subscription, and keeps its pooled connection."""
     app = make_app(redis_server)
     report = app.tasks["tests.transport.report"]
     first = report.delay(1)
@@ -151,7 +152,7 @@ def test_message_without_a_lock_is_pushed_by_kombu(redis_server: RedisServer) ->
 def test_enqueue_whose_reply_was_lost_is_resent_and_queued_once(
     redis_server: RedisServer, task_id: str | None
 ) -> None:
-    """kombu resends the script after its reply was lost: the call is accepted, with one message and its lock."""
+    """kombu resends the script after its reply was lost: the call is accepted, with one message and lock."""
     with ReplyDropper(redis_server.port) as dropper:
         app = make_app(redis_server, port=dropper.port)
         report = app.tasks["tests.transport.report"]
@@ -178,7 +179,8 @@ def test_lock_store_on_another_server_takes_the_lock_then_publishes(
                 report.delay(1)
             report.delay(2)
         said = [r for r in caplog.records if "unique tasks take their lock, then publish" in r.getMessage()]
-        assert len(said) == 1 and said[0].levelno == logging.WARNING
+        assert len(said) == 1
+        assert said[0].levelno == logging.WARNING
         assert outside_scripts(seen, "evalsha", "eval") == []
         assert len(outside_scripts(seen, "lpush")) == 2
         assert other.client(LOCK_DB).get(report.lock_key((1,), {}, {})) == result.id.encode()
