@@ -46,6 +46,15 @@ def make_app(server: RedisServer, *, port: int | None = None, locks: str | None 
         RUNS.append(user_id)
         return user_id
 
+    @app.task(name="tests.transport.spawn", bind=True, shared=False)
+    def spawn(self: Any, user_id: int) -> int:
+        # Enqueues a duplicate of report(user_id) and says how many children it kept.
+        try:
+            report.delay(user_id)
+        except DuplicateTaskError:
+            pass
+        return len(self.request.children)
+
     @app.task(name="tests.transport.plain", shared=False)
     def plain(user_id: int) -> int:
         return user_id
@@ -135,6 +144,17 @@ def test_duplicate_is_refused_without_a_message_a_subscription_or_a_lost_connect
     assert scripting_connections(redis_server) == publishing
     assert app.backend.get_key_for_task(first.id) in consumer.subscribed_to
     assert redis_server.client(BROKER_DB).llen("celery") == 1
+
+
+def test_refused_call_inside_a_task_is_not_its_child(redis_server: RedisServer) -> None:
+    """A duplicate refused inside a running task leaves no child result on that task."""
+    app = make_app(redis_server)
+    key = app.tasks["tests.transport.report"].lock_key((5,), {}, {})
+    redis_server.client(LOCK_DB).set(key, "unfinished-holder", px=60_000)
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+        assert app.tasks["tests.transport.spawn"].delay(5).get(timeout=10) == 0
+    assert redis_server.client(BROKER_DB).llen("celery") == 0
+    redis_server.client(LOCK_DB).delete(key)
 
 
 def test_message_without_a_lock_is_pushed_by_kombu(redis_server: RedisServer) -> None:
