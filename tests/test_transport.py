@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pytest
@@ -49,10 +49,8 @@ def make_app(server: RedisServer, *, port: int | None = None, locks: str | None 
     @app.task(name="tests.transport.spawn", bind=True, shared=False)
     def spawn(self: Any, user_id: int) -> int:
         # Enqueues a duplicate of report(user_id) and says how many children it kept.
-        try:
+        with suppress(DuplicateTaskError):
             report.delay(user_id)
-        except DuplicateTaskError:
-            pass
         return len(self.request.children)
 
     @app.task(name="tests.transport.plain", shared=False)
