@@ -68,7 +68,8 @@ class _AtomicPut:
         # A publish batch (kombu 5.7+) would send the script later: it is
         # sent now, since the enqueue waits on its answer.
         client, db = self._enqueue_client()
-        holder = enqueue_locked(client, channel._q_for_pri(queue, priority), _dumps(message), ticket, db, expire)
+        key = channel._q_for_pri(queue, priority)
+        holder = enqueue_locked(client, key, _dumps(message), ticket, db, expire)
         asking.holder = holder
         asking.answered = True
 
