@@ -62,12 +62,15 @@ def lock_db(app: Any) -> int | None:
 
 
 def _work_out(app: Any) -> int:
-    connection = app.connection_for_write()
     try:
-        transport = connection.get_transport_cls()
-        prefix = (connection.transport_options or {}).get("global_keyprefix")
-    finally:
-        connection.release()
+        connection = app.connection_for_write()
+        try:
+            transport = connection.get_transport_cls()
+            prefix = (connection.transport_options or {}).get("global_keyprefix")
+        finally:
+            connection.release()
+    except Exception:  # a broker setting kombu cannot resolve: the publish will say so
+        return -1
     if not getattr(transport, TRANSPORT_FLAG, False):
         return -1
     why = _why_not(app, prefix)
