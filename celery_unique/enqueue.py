@@ -15,6 +15,10 @@ refused, run here (``apply()``,   an ``EagerResult`` failed with
 eager) with ``"existing"``        ``DuplicateTaskError``
 ================================  ==============================================
 
+Through the package's transport (see :mod:`celery_unique.atomic`) the lock
+is taken by the publish itself, in one script; a refusal is heard once the
+publish has returned, and is then handled as here.
+
 A refused call someone may wait on (a chosen id, callbacks, a run here) is
 also stored as failed, so that its canvas hears of it (see
 :func:`celery_unique.canvas.record_refusal`).
