@@ -5,6 +5,10 @@ Run ``python -m benchmarks.enqueue [--quick]``. It starts a throwaway
 locks, the other libraries' locks) lives in that URL's database, and the run
 deletes only the keys it created.
 
+The ``+transport`` variants publish through the package's atomic transport
+(``broker_transport = "celery_unique.transport:Transport"``), whose unique
+calls take the lock and queue the message in one script.
+
 Variants run interleaved, in a rotated order each round, so that drift of the
 machine (CPU frequency, other load) spreads over all of them instead of
 favouring whichever ran first. Each call is timed on its own and the median of
@@ -47,10 +51,15 @@ UNIQUE_KEYS = f"unique:{QUEUE}:*"
 ONCE_KEYS = "qo_benchmarks.*"
 SINGLETON_PREFIX = "bench-singleton:"
 
+#: The broker transport of the ``+transport`` variants: the lock taken as the message is queued.
+TRANSPORT = "celery_unique.transport:Transport"
+
 #: The targets docs/benchmarks.md measures against; a miss is printed, never fatal.
-TARGETS = {"unique": 0.90, "duplicate": 6.0, "key_small_us": 8.0, "bytes_per_lock": 200.0}
+TARGETS = {
+    "unique": 0.90, "unique+transport": 0.95, "duplicate": 6.0, "key_small_us": 8.0, "bytes_per_lock": 200.0,
+}
 #: Through the latency proxy (``--latency-us``), unique/plain aims lower.
-NETWORK_TARGETS = {"unique": 0.85}
+NETWORK_TARGETS = {"unique": 0.85, "unique+transport": 0.90}
 
 
 @dataclass(frozen=True)
@@ -212,6 +221,35 @@ def core_variants(app: Celery) -> list[Variant]:
         Variant("plain", lambda i: plain.apply_async((i, "daily", "pdf"))),
         Variant("unique", lambda i: unique.apply_async((i, "daily", "pdf"), unique=TTL)),
         Variant("duplicate", duplicate, prepare=hold),
+    ]
+
+
+def transport_variants(url: str) -> list[Variant]:
+    """The atomic transport: a unique enqueue, a refused one, and a plain task through it.
+
+    An app of its own whose ``broker_transport`` is the package's, its locks
+    in the broker's database: each unique call is one script.
+    """
+    app = make_app(url)
+    app.conf.broker_transport = TRANSPORT
+    plain = app.task(name="benchmarks.transport_plain_report")(report)
+    unique = app.task(name="benchmarks.transport_report", base=UniqueTask)(report)
+
+    def hold() -> None:
+        unique.apply_async((-1, "held", "pdf"), unique=TTL)
+
+    def duplicate(_: int) -> None:
+        try:
+            unique.apply_async((-1, "held", "pdf"), unique=TTL)
+        except DuplicateTaskError:
+            pass
+        else:
+            raise AssertionError("the held lock did not refuse the duplicate through the transport")
+
+    return [
+        Variant("unique+transport", lambda i: unique.apply_async((i, "daily", "pdf"), unique=TTL)),
+        Variant("duplicate+transport", duplicate, prepare=hold),
+        Variant("plain+transport", lambda i: plain.apply_async((i, "daily", "pdf"))),
     ]
 
 
@@ -424,11 +462,12 @@ def print_results(variants: list[Variant], settings: Settings, targets: dict[str
         note = f" ({verdict(ratio, target)})" if target else ""
         print(f"ratio {v.name}: {ratio:.2f}{note}")
     unique = {v.name: v.median_us for v in variants}
-    for other in ("celery-once", "celery-singleton"):
-        if other in unique:
-            faster = unique["unique"] < unique[other]
-            print(f"unique vs {other}: {unique[other] / unique['unique']:.2f}x "
-                  f"({'faster' if faster else 'NOT faster'})")
+    for mine in ("unique", "unique+transport"):
+        for other in ("celery-once", "celery-singleton"):
+            if mine in unique and other in unique:
+                faster = unique[mine] < unique[other]
+                print(f"{mine} vs {other}: {unique[other] / unique[mine]:.2f}x "
+                      f"({'faster' if faster else 'NOT faster'})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             variants = core_variants(app)
             variants.append(checked_duplicate_variant(url))
+            variants += transport_variants(url)
             variants += optional_variants(app, client)
             run_rounds(variants, client, settings)
             print_results(variants, settings, NETWORK_TARGETS if ns.latency_us else {})

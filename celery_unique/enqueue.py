@@ -15,6 +15,10 @@ refused, run here (``apply()``,   an ``EagerResult`` failed with
 eager) with ``"existing"``        ``DuplicateTaskError``
 ================================  ==============================================
 
+Through the package's transport (see :mod:`celery_unique.atomic`) the lock
+is taken by the publish itself, in one script; a refusal is heard once the
+publish has returned, and is then handled as here.
+
 A refused call someone may wait on (a chosen id, callbacks, a run here) is
 also stored as failed, so that its canvas hears of it (see
 :func:`celery_unique.canvas.record_refusal`).
@@ -31,7 +35,7 @@ import redis
 from celery import states
 from celery.result import AsyncResult, EagerResult
 
-from . import events
+from . import atomic, events
 from .call import Call
 from .canvas import in_hand_over, record_refusal
 from .cleanup import clean_up_later, release_quietly
@@ -39,7 +43,7 @@ from .compat import BEAT_HEADER
 from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
 from .execution import eager_calls
-from .headers import LOCK_HEADER, NONCE_HEADER, OWN_HEADERS, UNLOCKED_HEADER, UNTIL_HEADER
+from .headers import LOCK_HEADER, NONCE_HEADER, OWN_HEADERS, TICKET_HEADER, UNLOCKED_HEADER, UNTIL_HEADER
 from .holders import Claim, looks_up_any_task, take_over_if_finished
 from .ids import new_task_id
 from .keys import lock_key
@@ -160,12 +164,20 @@ def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | Asyn
         headers[NONCE_HEADER] = nonce
     options["headers"] = headers
 
+    lock_db = None if _running_here.get() or app.conf.task_always_eager else atomic.lock_db(app)
+    if lock_db is not None:
+        # The package's transport takes the lock as it queues the message.
+        holder, published = _enqueue_atomically(call, lock_ttl_ms, lock_db)
+        if holder is None:
+            events.taken(task, key, task_id, lock_ttl_ms)
+            return published
     try:
         try:
             store = state.store
         except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
             raise LockStoreError.from_error(task.name, key, exc) from exc
-        holder = _acquire(call, store, lock_ttl_ms)
+        if lock_db is None:
+            holder = _acquire(call, store, lock_ttl_ms)
         # A throttle's holder stands for the whole TTL: no state to read.
         checks = state.config.check_holder and unique.until != "expiry"
         if holder is not None and holder != task_id and checks:
@@ -225,6 +237,29 @@ def _run_eagerly(call: Call, store: LockStore) -> AsyncResult[Any]:
         raise
     finally:
         eager_calls.reset(token)
+
+
+def _enqueue_atomically(call: Call, lock_ttl_ms: int, lock_db: int) -> tuple[str | None, AsyncResult[Any]]:
+    # Publish with a ticket for the transport, and hear what its script did:
+    # (None, the published result) if the message is queued under the lock,
+    # else (the holder, the result Celery made for nothing, now forgotten).
+    options = call.options
+    headers = options["headers"]
+    options["headers"] = {
+        **headers, TICKET_HEADER: [call.key, call.lock_id, lock_ttl_ms, call.nonce or "", lock_db],
+    }
+    asking = atomic.Waiting(call.lock_id)
+    token = atomic.waiting.set(asking)
+    try:
+        result = call.task._publish(call)
+    finally:
+        atomic.waiting.reset(token)
+        options["headers"] = headers
+    if not asking.answered:  # pragma: no cover - only a transport that lost the ticket
+        raise RuntimeError(f"celery_unique: the broker transport did not answer for {call.lock_id}")
+    if asking.holder is not None:
+        atomic.forget_refused(call.task, result, asking.holder)
+    return asking.holder, result
 
 
 def _give_back(call: Call, store: LockStore) -> None:

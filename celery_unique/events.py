@@ -11,6 +11,8 @@ taken over        INFO       ``lock_taken_over``    ``celery_unique_taken_over_t
 store error       WARNING                           ``celery_unique_store_errors_total``
 sent unlocked     WARNING                           ``celery_unique_unlocked_total``
 (fail-open)       (once a minute per task)
+atomic enqueue    INFO       (once per app, on its first unique enqueue)
+on / off          WARNING
 ================  =========  =====================  ===============================
 
 Every line is logged by the ``celery_unique`` logger and names the task,
@@ -32,6 +34,8 @@ from . import metrics
 from .config import app_state
 
 __all__ = [
+    "atomic_off",
+    "atomic_on",
     "kept",
     "lock_released",
     "lock_taken_over",
@@ -134,4 +138,20 @@ def unlocked(task: Any, key: str, error: BaseException) -> None:
         "celery_unique: %s sent without its lock %s: the lock store failed (%s); "
         "calls of it are not deduplicated until it is back (said once a minute)",
         name, key, error,
+    )
+
+
+def atomic_on(where: str) -> None:
+    """The package's transport takes each unique call's lock as it publishes (said once per app)."""
+    logger.info(
+        "celery_unique: unique tasks take their lock and publish in one script "
+        "(celery_unique.transport), on %s", where,
+    )
+
+
+def atomic_off(why: str) -> None:
+    """The package's transport is selected but cannot take locks as it publishes (said once per app)."""
+    logger.warning(
+        "celery_unique: the broker transport is celery_unique.transport's, but %s: "
+        "unique tasks take their lock, then publish", why,
     )

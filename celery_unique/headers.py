@@ -10,6 +10,8 @@ header                      value
 ``celery_unique_nesting``   on a replacement: its replace nesting, which
                             Celery before 5.4 does not carry in a message
 ``celery_unique_held``      on a copy held back while another copy ran
+``celery_unique_ticket``    the lock for the package's transport to take as
+                            it queues the message; it takes it out first
 ==========================  ===============================================
 
 A worker stamps ``celery_unique_received`` (when it received the message)
@@ -32,6 +34,7 @@ __all__ = [
     "OWN_HEADERS",
     "RECEIVED_KEY",
     "REPLACES_HEADER",
+    "TICKET_HEADER",
     "UNLOCKED_HEADER",
     "UNTIL_HEADER",
     "Carried",
@@ -58,6 +61,9 @@ HELD_HEADER = "celery_unique_held"
 #: On a call that went out without its lock (the lock store failed, and the
 #: call fails open): the key it would have taken.
 UNLOCKED_HEADER = "celery_unique_unlocked"
+#: The lock the package's transport takes as it queues the message (see
+#: :mod:`celery_unique.atomic`): a :class:`celery_unique.lock.Ticket` as a list.
+TICKET_HEADER = "celery_unique_ticket"
 #: The worker's stamp: when it received the message (seconds since the epoch).
 RECEIVED_KEY = "celery_unique_received"
 
@@ -65,7 +71,7 @@ RECEIVED_KEY = "celery_unique_received"
 #: often forwarded from another task's request.
 OWN_HEADERS = (
     LOCK_HEADER, UNTIL_HEADER, NONCE_HEADER, REPLACES_HEADER, NESTING_HEADER, HELD_HEADER, RECEIVED_KEY,
-    UNLOCKED_HEADER,
+    UNLOCKED_HEADER, TICKET_HEADER,
 )
 
 

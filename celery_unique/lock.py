@@ -34,6 +34,7 @@ caller and never releases twice.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -51,7 +52,9 @@ __all__ = [
     "Attempt",
     "LockStore",
     "Outcome",
+    "Ticket",
     "attempt_of",
+    "enqueue_locked",
     "marker_says_running",
     "running_marker_key",
 ]
@@ -92,6 +95,18 @@ class Attempt(NamedTuple):
 def attempt_of(task_id: str, headers: Any, nonce: str) -> Attempt:
     """The attempt of a message with ``headers``: its replace nesting and Celery's ``retries``."""
     return Attempt(task_id, nesting_of(headers), int(headers.get("retries") or 0), nonce)
+
+
+class Ticket(NamedTuple):
+    """The lock a message asks the transport to take as it queues the message (ENQUEUE_SCRIPT)."""
+
+    key: str
+    task_id: str
+    ttl_ms: int
+    #: The incarnation of a caller-chosen id; empty for an id this package made.
+    nonce: str
+    #: The lock store's database, on the broker's server.
+    db: int
 
 
 #: How a run ends, as the lock store sees it (see END_SCRIPT).
@@ -153,10 +168,51 @@ end
 """
 
 
+# The acquire rule, shared by ACQUIRE_SCRIPT and ENQUEUE_SCRIPT: take
+# ``lock`` for ``id`` (with its marker and former-incarnation key for a
+# caller-chosen id, else nil). Returns (nil, true) when it took the lock now,
+# (nil, false) when ``id`` already held it (a resend of the same call), or
+# (holder, false) when another id holds it or the same chosen id was
+# enqueued again by another call.
+_ACQUIRE = """
+local function acquire(lock, marker, former, id, ttl, nonce)
+    if redis.call('SET', lock, id, 'NX', 'PX', ttl) then
+        if marker then
+            local t = redis.call('TIME')
+            local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+            local old = redis.call('GET', marker)
+            if old and string.sub(old, 1, 1) ~= 'q' and string.sub(old, 1, 1) ~= 'r' then
+                -- an ended or revoked former incarnation: kept aside until its deadline
+                local dl = tonumber(string.match(old, '^%a|%d+|%d+|[^|]*|(%d+)'))
+                if dl and dl > now then
+                    redis.call('SET', former, old, 'PX', dl - now)
+                end
+            end
+            redis.call('SET', marker, 'q|0|0|' .. nonce .. '|' .. (now + tonumber(ttl)), 'PX', ttl)
+        end
+        return false, true
+    end
+    local holder = redis.call('GET', lock)
+    if holder == id then
+        if not marker then
+            return false, false
+        end
+        local m = redis.call('GET', marker)
+        local mine = 'q|0|0|' .. nonce .. '|'
+        if m and string.sub(m, 1, #mine) == mine then
+            return false, false
+        end
+    end
+    return holder, false
+end
+"""
+
+
 class LockStore:
     """Takes, ends and inspects locks in one Redis (one client: a server, Sentinel or a Cluster)."""
 
-    # Take the lock, or say who has it.
+    # Take the lock, or say who has it (the rule lives in _ACQUIRE, shared
+    # with ENQUEUE_SCRIPT).
     #
     # KEYS[1] - lock key
     # KEYS[2] - (caller-chosen id only) marker of ARGV[1], set to "queued":
@@ -171,35 +227,51 @@ class LockStore:
     #        (ARGV[1] itself when the same chosen id is enqueued twice). A
     #        resend finds its own first attempt: the id it generated, or the
     #        chosen id with its nonce's queued marker, holds the lock.
-    ACQUIRE_SCRIPT = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    if KEYS[2] then
-        local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-        local old = redis.call('GET', KEYS[2])
-        if old and string.sub(old, 1, 1) ~= 'q' and string.sub(old, 1, 1) ~= 'r' then
-            -- an ended or revoked former incarnation: kept aside until its deadline
-            local dl = tonumber(string.match(old, '^%a|%d+|%d+|[^|]*|(%d+)'))
-            if dl and dl > now then
-                redis.call('SET', KEYS[3], old, 'PX', dl - now)
-            end
-        end
-        redis.call('SET', KEYS[2], 'q|0|0|' .. ARGV[3] .. '|' .. (now + tonumber(ARGV[2])), 'PX', ARGV[2])
-    end
-    return false
+    ACQUIRE_SCRIPT = _ACQUIRE + """
+return (acquire(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3]))
+"""
+
+    # Take the lock and push the task's message in one step (the opt-in
+    # transport, celery_unique.transport): a message is queued exactly when
+    # its lock is taken. Sent on the broker's connection, whose database
+    # holds the queue; the lock's database may be another one of the same
+    # server, which the script selects for the lock's part alone.
+    #
+    # KEYS[1] - the queue's list (for the message's priority), in the broker's database
+    # KEYS[2] - lock key
+    # KEYS[3] - (caller-chosen id only) marker of ARGV[2] (see ACQUIRE_SCRIPT)
+    # KEYS[4] - (caller-chosen id only) former-incarnation key of ARGV[2]
+    # KEYS[5 or 3...] - the queue's lists to PEXPIRE (a queue with x-expires), if any
+    # ARGV[1] - the message, as kombu serializes it
+    # ARGV[2] - task id that wants the lock
+    # ARGV[3] - time to live in milliseconds
+    # ARGV[4] - the incarnation's nonce for a caller-chosen id, "" otherwise
+    # ARGV[5] - the lock's database, "" if it is the broker's
+    # ARGV[6] - the broker's database
+    # ARGV[7] - the queue's expiry in milliseconds, "" if it has none
+    # return nil if the message is queued under ARGV[2]'s lock, otherwise
+    #        the holder's id, and nothing is written. A resend after a lost
+    #        reply finds the lock its first attempt took, which pushed the
+    #        message then: it pushes nothing and answers nil.
+    ENQUEUE_SCRIPT = _ACQUIRE + """
+local chosen = ARGV[4] ~= ''
+if ARGV[5] ~= '' then redis.call('SELECT', ARGV[5]) end
+local holder, fresh
+if chosen then
+    holder, fresh = acquire(KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4])
+else
+    holder, fresh = acquire(KEYS[2], nil, nil, ARGV[2], ARGV[3], nil)
 end
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-    if not KEYS[2] then
-        return false
-    end
-    local marker = redis.call('GET', KEYS[2])
-    local mine = 'q|0|0|' .. ARGV[3] .. '|'
-    if marker and string.sub(marker, 1, #mine) == mine then
-        return false
+if holder then return holder end
+if not fresh then return false end
+if ARGV[5] ~= '' then redis.call('SELECT', ARGV[6]) end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+if ARGV[7] ~= '' then
+    for i = (chosen and 5 or 3), #KEYS do
+        redis.call('PEXPIRE', KEYS[i], ARGV[7])
     end
 end
-return holder
+return false
 """
 
     # Mark a copy of a task running, or say why it must not run now.
@@ -440,6 +512,7 @@ return false
         self._discard = client.register_script(self.DISCARD_SCRIPT)
         self._continue = client.register_script(self.CONTINUE_SCRIPT)
         self._take_over = client.register_script(self.TAKE_OVER_SCRIPT)
+        self._enqueue = client.register_script(self.ENQUEUE_SCRIPT)
         # One server behind a plain pool: the hot paths (the producer's
         # acquire, the worker's end) write pre-packed commands on connections
         # of their own. Sentinel and Cluster clients take redis-py's path.
@@ -471,6 +544,16 @@ return false
             except redis.RedisError as exc:
                 raise AcquireError(exc, maybe_applied=True) from exc
         return _text(self._own_call(self._acquire, keys, args))
+
+    def enqueue(self, queue_key: str, message: bytes | str, ticket: Ticket) -> str | None:
+        """Take ``ticket``'s lock and push ``message`` onto ``queue_key`` together (ENQUEUE_SCRIPT).
+
+        None if both were done (or a resend found them done), else the
+        holder, and nothing was written. The queue is in this client's database.
+        """
+        pool: Any = getattr(self.client, "connection_pool", None)
+        db = int(pool.connection_kwargs.get("db") or 0) if pool is not None else 0
+        return enqueue_locked(self.client, queue_key, message, ticket, db)
 
     def take_over(
         self,
@@ -710,3 +793,37 @@ def marker_says_running(marker: Any) -> bool:
     if isinstance(marker, bytes):
         return marker.startswith(b"r|")
     return isinstance(marker, str) and marker.startswith("r|")
+
+
+#: ENQUEUE_SCRIPT's sha: the transport sends it on the broker's connections.
+ENQUEUE_SHA = hashlib.sha1(LockStore.ENQUEUE_SCRIPT.encode()).hexdigest()
+
+
+def enqueue_locked(
+    client: Any,
+    queue_key: str,
+    message: bytes | str,
+    ticket: Ticket,
+    broker_db: int,
+    expire: tuple[Sequence[str], int] | None = None,
+) -> str | None:
+    """Run ENQUEUE_SCRIPT on ``client`` (the broker's, on ``broker_db``); None if queued, else the holder.
+
+    ``expire``: the queue's lists and their expiry in milliseconds, for a
+    queue declared with one. Redis errors propagate to the caller (kombu
+    retries a publish after a lost connection: the script is safe to resend).
+    """
+    keys: list[str] = [queue_key, ticket.key]
+    if ticket.nonce:
+        keys += [marker_key(ticket.key, ticket.task_id), former_marker_key(ticket.key, ticket.task_id)]
+    expire_ms = ""
+    if expire is not None:
+        keys += expire[0]
+        expire_ms = str(expire[1])
+    lock_db = "" if ticket.db == broker_db else str(ticket.db)
+    args = (message, ticket.task_id, ticket.ttl_ms, ticket.nonce, lock_db, broker_db, expire_ms)
+    try:
+        reply = client.evalsha(ENQUEUE_SHA, len(keys), *keys, *args)
+    except NoScriptError:
+        reply = client.eval(LockStore.ENQUEUE_SCRIPT, len(keys), *keys, *args)
+    return _text(reply)

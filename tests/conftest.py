@@ -35,6 +35,14 @@ CI = bool(os.environ.get("CI"))
 # (tests/test_django.py): this suite must neither collect nor import it.
 collect_ignore = ["django_project"]
 BROKER_DB, RESULT_DB, LOCK_DB = 0, 1, 2
+#: Set by tox's ``transport`` environment: the test apps publish through the
+#: package's atomic transport (tests/lifecycle_app.py reads it too).
+TRANSPORT = os.environ.get("CELERY_UNIQUE_TEST_TRANSPORT") or None
+#: Why a test of what a refused call never reaches is skipped there.
+builds_before_locking = (
+    "through the atomic transport a refused call's message is built and published to kombu "
+    "before the lock is tried (docs/reliability.md, The atomic transport)"
+)
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +69,7 @@ def pytest_report_header() -> str:
     return (
         f"celery {celery.__version__}, kombu {kombu.__version__}, "
         f"py-amqp {amqp.__version__}, redis-py {redis.__version__}"
+        + (f", broker_transport {TRANSPORT}" if TRANSPORT else "")
     )
 
 
@@ -167,6 +176,7 @@ def celery_config(redis_server: RedisServer) -> dict[str, Any]:
         "unique_redis_url": redis_server.url(LOCK_DB),
         "broker_connection_retry_on_startup": False,
         "task_default_queue": "celery",
+        **({"broker_transport": TRANSPORT} if TRANSPORT else {}),
     }
 
 

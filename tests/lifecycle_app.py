@@ -41,6 +41,10 @@ def make_app(
         worker_prefetch_multiplier=1,
         result_expires=600,
     )
+    # tox's transport environment (tests/conftest.py): the package's atomic
+    # transport, for a Redis broker (a RabbitMQ one keeps its own).
+    if os.environ.get("CELERY_UNIQUE_TEST_TRANSPORT") and broker.startswith("redis"):
+        app.conf.broker_transport = os.environ["CELERY_UNIQUE_TEST_TRANSPORT"]
     app.conf.update(conf or {})
     app.conf.lifecycle_scratch_url = scratch
     register(app)

@@ -8,7 +8,10 @@ a copy's beginning, its body storing a result, its end with each outcome,
 a retry, a crash, the death reported by the worker's main process, a
 revoke, a purge, a reap, time passing (unrenewed markers expire) and the
 lock's TTL passing. A call is a throttle (``unique_until="expiry"``) or
-not. A command's reply may be lost: the client sends it again. Each rule
+not. A command's reply may be lost: the client sends it again. An enqueue goes
+through ACQUIRE_SCRIPT (the lock, then a publish) or ENQUEUE_SCRIPT (the
+opt-in transport: lock and message in one script, the queue in a database of
+its own), and the queue must hold exactly one message per call accepted that way. Each rule
 calls :class:`celery_unique.lock.LockStore` on a real Redis, and after
 every step the machine checks invariants 1-6 of docs/protocol.md against
 what Redis holds and what the model knows.
@@ -29,7 +32,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from celery_unique import execution, holders
 from celery_unique.keys import marker_key
-from celery_unique.lock import KEEP, REQUEUE, Attempt, LockStore
+from celery_unique.lock import KEEP, REQUEUE, Attempt, LockStore, Ticket, enqueue_locked
 
 PREFIX = "model"
 KEY = f"{PREFIX}:celery:model.task:digest"
@@ -38,6 +41,8 @@ KEY = f"{PREFIX}:celery:model.task:digest"
 LOCK_TTL_MS = 300_000
 MARKER_TTL_MS = 30_000
 CHOSEN_IDS = ("chosen-1", "chosen-2")
+#: The queue of ENQUEUE_SCRIPT's messages, in a database beside the model's locks.
+QUEUE = "model-queue"
 
 
 @dataclass
@@ -102,6 +107,13 @@ class ProtocolMachine(RuleBasedStateMachine):
         super().__init__()
         self.client.flushdb()
         self.store = LockStore(self.client)
+        kwargs = self.client.connection_pool.connection_kwargs
+        self.lock_db = int(kwargs.get("db") or 0)
+        self.queue_db = self.lock_db - 1
+        self.queue = redis.Redis(host=kwargs["host"], port=kwargs["port"], db=self.queue_db)
+        self.queue.delete(QUEUE)
+        #: Calls that ENQUEUE_SCRIPT accepted: each left one message.
+        self.enqueued = 0
         for name, script in self.mutations.items():
             setattr(self.store, name, self.client.register_script(script))
         self.copies: list[Copy] = []
@@ -176,6 +188,31 @@ class ProtocolMachine(RuleBasedStateMachine):
         if resend:
             again = self.store.acquire(KEY, task_id, LOCK_TTL_MS, nonce if chosen else None)
             assert again == holder, f"a resent acquire answered {again!r}, the first {holder!r}"
+        self.accepted(task_id, nonce, throttle, before, holder)
+
+    @rule(chosen=st.sampled_from((None, *CHOSEN_IDS)), resend=st.booleans(),
+          throttle=st.sampled_from((False, False, False, True)))
+    def enqueue_atomically(self, chosen: str | None, resend: bool, throttle: bool) -> None:
+        """A unique call through the transport: lock and message in one script, maybe resent."""
+        task_id = chosen or f"gen-{next(self.generated)}"
+        nonce = f"n{next(self.numbers)}" if chosen else ""
+        before = self.holder()
+        queued = self.queue.llen(QUEUE)
+        ticket = Ticket(KEY, task_id, LOCK_TTL_MS, nonce, self.lock_db)
+        message = f"message of {task_id}/{nonce}"
+        holder = enqueue_locked(self.queue, QUEUE, message, ticket, self.queue_db)
+        if resend:
+            again = enqueue_locked(self.queue, QUEUE, message, ticket, self.queue_db)
+            assert again == holder, f"a resent enqueue answered {again!r}, the first {holder!r}"
+        pushed = self.queue.llen(QUEUE) - queued
+        assert pushed == (1 if holder is None else 0), f"{pushed} messages for {task_id}, holder {holder!r}"
+        if holder is None:
+            self.enqueued += 1
+        self.accepted(task_id, nonce, throttle, before, holder)
+
+    def accepted(self, task_id: str, nonce: str, throttle: bool, before: str | None,
+                 holder: str | None) -> None:
+        """Follow an enqueue's answer: a refusal names the holder; an acceptance is a new incarnation."""
         if before is None:
             assert holder is None, f"a free lock refused {task_id}: {holder!r}"
         if holder is not None:
@@ -456,6 +493,11 @@ class ProtocolMachine(RuleBasedStateMachine):
             call.expired = True
 
     # -- invariants -----------------------------------------------------------------------------
+
+    @invariant()
+    def one_message_per_atomic_acceptance(self) -> None:
+        """ENQUEUE_SCRIPT queued one message per call it accepted, and none for a refused one."""
+        assert self.queue.llen(QUEUE) == self.enqueued
 
     @invariant()
     def no_release_while_a_copy_runs(self) -> None:

@@ -47,11 +47,13 @@ def test_quick_run_succeeds(quick_run: QuickRun) -> None:
     assert quick_run.process.returncode == 0, quick_run.process.stderr
 
 
-@pytest.mark.parametrize("variant", ["plain", "unique", "duplicate"])
+@pytest.mark.parametrize(
+    "variant", ["plain", "unique", "duplicate", "unique+transport", "duplicate+transport", "plain+transport"]
+)
 def test_core_variant_ratio_printed(quick_run: QuickRun, variant: str) -> None:
     """Each celery-unique variant gets a throughput ratio against plain Celery."""
     output = quick_run.process.stdout
-    assert re.search(rf"^ratio {variant}: \d+\.\d\d", output, re.MULTILINE), output
+    assert re.search(rf"^ratio {re.escape(variant)}: \d+\.\d\d", output, re.MULTILINE), output
 
 
 @pytest.mark.parametrize(
@@ -100,6 +102,7 @@ def test_latency_mode_reports_the_proxy_and_the_checked_duplicate(redis_server: 
                      output, re.MULTILINE), output
     assert re.search(r"^ratio duplicate\+check: \d+\.\d\d", output, re.MULTILINE), output
     assert re.search(r"^ratio unique: \d+\.\d\d \(target >= 0\.85", output, re.MULTILINE), output
+    assert re.search(r"^ratio unique\+transport: \d+\.\d\d \(target >= 0\.9", output, re.MULTILINE), output
     assert sorted(client.scan_iter(count=1000)) == []
 
 

@@ -12,6 +12,7 @@ from celery import Celery
 
 from celery_unique import LOCK_HEADER, DuplicateTaskError, UniqueTask
 from celery_unique.keys import parse_key
+from tests.conftest import TRANSPORT, builds_before_locking
 
 
 def queued(broker: redis.Redis, queue: str = "celery") -> int:
@@ -277,6 +278,7 @@ def test_generated_task_ids_carry_the_time_they_were_made() -> None:
     assert first < second
 
 
+@pytest.mark.skipif(bool(TRANSPORT), reason=builds_before_locking)
 def test_before_task_publish_never_hears_of_a_refused_call(
     tasks: SimpleNamespace, broker: redis.Redis
 ) -> None:

@@ -55,7 +55,7 @@ DEFECTS = {
     ),
     # An acquire of a chosen id whose resend refuses itself.
     "resent acquire refuses itself": (
-        "_acquire", "ACQUIRE_SCRIPT", "if holder == ARGV[1] then", "if false then",
+        "_acquire", "ACQUIRE_SCRIPT", "if holder == id then", "if false then",
     ),
     # A begin whose resend holds its own copy back.
     "resent begin holds itself back": (
@@ -64,7 +64,7 @@ DEFECTS = {
     # A chosen id enqueued again overwrites its former incarnation's "ended"
     # marker: a late copy of that incarnation runs again.
     "reused chosen id forgets its former incarnation": (
-        "_acquire", "ACQUIRE_SCRIPT", "redis.call('SET', KEYS[3], old, 'PX', dl - now)", "",
+        "_acquire", "ACQUIRE_SCRIPT", "redis.call('SET', former, old, 'PX', dl - now)", "",
     ),
     # An end that keeps the lock while the attempt that published it (a
     # retry) still holds its marker: the lock then stays until its TTL.
