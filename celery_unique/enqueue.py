@@ -61,9 +61,13 @@ from .signals import in_beat
 from .ttl import delay_ms, ttl_ms
 
 __all__ = [
+    "decide",
+    "failed",
     "from_schedule",
     "lock",
     "lock_here",
+    "lock_store",
+    "prepare",
     "publish",
     "resolve_options",
     "take_unique_options",
@@ -130,15 +134,11 @@ def resolve_options(
     return options
 
 
-def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | AsyncResult[Any] | None:
-    """Take the call's lock: the lock store that holds it, or the duplicate's result.
+def prepare(call: Call, ttl: Any, requested: Mapping[str, Any]) -> int:
+    """Fill in the call's lock fields and put the lock's headers in its options; return the lock's TTL in ms.
 
-    None when the lock store failed and the call fails open
-    (``unique_on_store_error="enqueue"``): it goes out without a lock.
-
-    Fills in the call's lock fields first (its resolved options, its key,
-    the task id the lock holds and its nonce) and puts the lock's headers in
-    its options.
+    The fields: its resolved options, its key, the task id the lock holds
+    (the caller's or a new one) and the nonce of a caller-chosen id.
     """
     task = call.task
     app = task._get_app()
@@ -153,7 +153,7 @@ def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | Asyn
     # The lock's value is the task id, so the id must exist before the lock.
     # A caller-chosen id may have run before: its incarnation gets a nonce.
     chosen_id = call.task_id
-    task_id = call.task_id = chosen_id or new_task_id()
+    call.task_id = chosen_id or new_task_id()
     call.chosen = chosen_id is not None
     nonce = call.nonce = secrets.token_urlsafe(6) if chosen_id else None
     headers = dict(options.get("headers") or ())
@@ -163,39 +163,73 @@ def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | Asyn
     if nonce is not None:
         headers[NONCE_HEADER] = nonce
     options["headers"] = headers
+    return lock_ttl_ms
 
+
+def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | AsyncResult[Any] | None:
+    """Take the call's lock: the lock store that holds it, or the duplicate's result.
+
+    None when the lock store failed and the call fails open
+    (``unique_on_store_error="enqueue"``): it goes out without a lock.
+    """
+    lock_ttl_ms = prepare(call, ttl, requested)
+    task = call.task
+    app = task._get_app()
     lock_db = None if _running_here.get() or app.conf.task_always_eager else atomic.lock_db(app)
+    holder = None
     if lock_db is not None:
         # The package's transport takes the lock as it queues the message.
         holder, published = _enqueue_atomically(call, lock_ttl_ms, lock_db)
         if holder is None:
-            events.taken(task, key, task_id, lock_ttl_ms)
+            events.taken(task, call.key, call.lock_id, lock_ttl_ms)
             return published
     try:
-        try:
-            store = state.store
-        except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
-            raise LockStoreError.from_error(task.name, key, exc) from exc
+        store = lock_store(call)
         if lock_db is None:
             holder = _acquire(call, store, lock_ttl_ms)
-        # A throttle's holder stands for the whole TTL: no state to read.
-        checks = state.config.check_holder and unique.until != "expiry"
-        if holder is not None and holder != task_id and checks:
-            backend = task.backend
-            if looks_up_any_task(backend) and not _eager_without_results(app):
-                try:
-                    claim = Claim(key, holder, task_id, lock_ttl_ms, unique.until, nonce)
-                    holder = take_over_if_finished(task, store, backend, claim)
-                except redis.RedisError as exc:
-                    events.store_error(task)
-                    raise LockStoreError.from_error(task.name, key, exc) from exc
     except LockStoreError as exc:
-        if unique.on_store_error != "enqueue":
-            raise
-        _fail_open(call, exc)
+        failed(call, exc)
         return None
+    return decide(call, store, holder, lock_ttl_ms)
+
+
+def lock_store(call: Call) -> LockStore:
+    """The lock store of the call's app; ``LockStoreError`` if its client cannot be built."""
+    try:
+        return app_state(call.task._get_app()).store
+    except redis.RedisError as exc:  # a Redis Cluster client connects as it is built
+        raise LockStoreError.from_error(call.task.name, call.key, exc) from exc
+
+
+def failed(call: Call, error: LockStoreError) -> None:
+    """A lock-store failure: raise it, or (``unique_on_store_error="enqueue"``) send the call unlocked."""
+    if call.unique.on_store_error != "enqueue":
+        raise error
+    _fail_open(call, error)
+
+
+def decide(
+    call: Call, store: LockStore, holder: str | None, lock_ttl_ms: int
+) -> LockStore | AsyncResult[Any] | None:
+    """After the acquire: the lock store if the call holds (or takes over) the lock, else the refusal."""
+    task = call.task
+    task_id = call.lock_id
+    # A throttle's holder stands for the whole TTL: no state to read.
+    checks = app_state(task._get_app()).config.check_holder and call.unique.until != "expiry"
+    if holder is not None and holder != task_id and checks:
+        backend = task.backend
+        if looks_up_any_task(backend) and not _eager_without_results(task._get_app()):
+            claim = Claim(call.key, holder, task_id, lock_ttl_ms, call.unique.until, call.nonce)
+            try:
+                holder = take_over_if_finished(task, store, backend, claim)
+            except redis.RedisError as exc:
+                events.store_error(task)
+                error = LockStoreError.from_error(task.name, call.key, exc)
+                error.__cause__ = exc
+                failed(call, error)
+                return None
     if holder is None:
-        events.taken(task, key, task_id, lock_ttl_ms)
+        events.taken(task, call.key, task_id, lock_ttl_ms)
         return store
     return _refuse(call, holder)
 
