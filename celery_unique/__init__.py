@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from .admin import LockInfo, LockStatus, UniqueLocks
+from .bulk import apply_many
 from .decorator import unique_task
 from .errors import (
     ConfigurationError,
@@ -40,6 +41,7 @@ __all__ = [
     "UniqueTypeError",
     "UniqueValueError",
     "__version__",
+    "apply_many",
     "lock_released",
     "lock_taken_over",
     "send_unique",

@@ -274,6 +274,35 @@ end
 return false
 """
 
+    # Take many locks in one step, each as ACQUIRE_SCRIPT takes one (the
+    # bulk enqueue, celery_unique.bulk): one round trip for a batch on one
+    # server, one per hash slot on a Cluster.
+    #
+    # KEYS - per call, in order: its lock key, and for a caller-chosen id
+    #        also its marker and former-incarnation key (see ACQUIRE_SCRIPT)
+    # ARGV - per call, three: task id, time to live in milliseconds, and the
+    #        nonce of a caller-chosen id ("" for an id this package made)
+    # return per call, in order: "" if its id now holds its lock (a resend
+    #        finds its own first attempt, as ACQUIRE_SCRIPT's does), else
+    #        the holder's id. A later call of the batch with the same key as
+    #        an earlier one is refused by it.
+    ACQUIRE_MANY_SCRIPT = _ACQUIRE + """
+local out = {}
+local k = 1
+for i = 1, #ARGV, 3 do
+    local holder
+    if ARGV[i + 2] ~= '' then
+        holder = acquire(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[i], ARGV[i + 1], ARGV[i + 2])
+        k = k + 3
+    else
+        holder = acquire(KEYS[k], nil, nil, ARGV[i], ARGV[i + 1], nil)
+        k = k + 1
+    end
+    out[#out + 1] = holder or ''
+end
+return out
+"""
+
     # Mark a copy of a task running, or say why it must not run now.
     #
     # KEYS[1] - lock key
@@ -513,6 +542,7 @@ return false
         self._continue = client.register_script(self.CONTINUE_SCRIPT)
         self._take_over = client.register_script(self.TAKE_OVER_SCRIPT)
         self._enqueue = client.register_script(self.ENQUEUE_SCRIPT)
+        self._acquire_many = client.register_script(self.ACQUIRE_MANY_SCRIPT)
         # One server behind a plain pool: the hot paths (the producer's
         # acquire, the worker's end) write pre-packed commands on connections
         # of their own. Sentinel and Cluster clients take redis-py's path.
@@ -544,6 +574,36 @@ return false
             except redis.RedisError as exc:
                 raise AcquireError(exc, maybe_applied=True) from exc
         return _text(self._own_call(self._acquire, keys, args))
+
+    def acquire_many(self, claims: Sequence[tuple[str, str, int, str | None]]) -> list[str | None]:
+        """Take each ``(key, task_id, ttl_ms, nonce)`` lock as :meth:`acquire` would, in one step.
+
+        Returns, per claim and in order, None if taken, else the holder (see
+        ACQUIRE_MANY_SCRIPT): one script call on a server or Sentinel, one
+        per hash slot on a Cluster. Raises :class:`AcquireError` if Redis
+        fails; any of the locks may then have been taken.
+        """
+        batches: dict[int, list[int]] = {}
+        for index, (key, _, _, _) in enumerate(claims):
+            slot = self.client.keyslot(key) if self.cluster else 0  # type: ignore[union-attr]
+            batches.setdefault(slot, []).append(index)
+        answers: list[str | None] = [None] * len(claims)
+        for indexes in batches.values():
+            keys: list[str] = []
+            args: list[str | int] = []
+            for index in indexes:
+                key, task_id, ttl_ms, nonce = claims[index]
+                keys.append(key)
+                if nonce is not None:
+                    keys += [marker_key(key, task_id), former_marker_key(key, task_id)]
+                args += [task_id, ttl_ms, nonce or ""]
+            try:
+                reply = self._call(self._acquire_many, keys, args)
+            except redis.RedisError as exc:
+                raise AcquireError(exc, maybe_applied=True) from exc
+            for index, holder in zip(indexes, reply, strict=True):
+                answers[index] = _text(holder) or None
+        return answers
 
     def enqueue(self, queue_key: str, message: bytes | str, ticket: Ticket) -> str | None:
         """Take ``ticket``'s lock and push ``message`` onto ``queue_key`` together (ENQUEUE_SCRIPT).

@@ -36,6 +36,8 @@ from celery_unique.lock import KEEP, REQUEUE, Attempt, LockStore, Ticket, enqueu
 
 PREFIX = "model"
 KEY = f"{PREFIX}:celery:model.task:digest"
+#: Another call's lock, in the batches of the bulk enqueue (deleted after each).
+OTHER_KEY = f"{PREFIX}:celery:model.task:other"
 # Long enough that no key expires by itself while an example runs, even on a
 # loaded machine: time passes only when a rule says so.
 LOCK_TTL_MS = 300_000
@@ -178,16 +180,29 @@ class ProtocolMachine(RuleBasedStateMachine):
     # -- producers ------------------------------------------------------------------------------
 
     @rule(chosen=st.sampled_from((None, *CHOSEN_IDS)), resend=st.booleans(),
-          throttle=st.sampled_from((False, False, False, True)))
-    def enqueue(self, chosen: str | None, resend: bool, throttle: bool) -> None:
-        """A producer's unique call, its reply maybe lost and the command sent again."""
+          throttle=st.sampled_from((False, False, False, True)), bulk=st.booleans())
+    def enqueue(self, chosen: str | None, resend: bool, throttle: bool, bulk: bool = False) -> None:
+        """A producer's unique call, alone or in a batch (ACQUIRE_MANY), its reply maybe lost and resent."""
         task_id = chosen or f"gen-{next(self.generated)}"
         nonce = f"n{next(self.numbers)}" if chosen else ""
         before = self.holder()
-        holder = self.store.acquire(KEY, task_id, LOCK_TTL_MS, nonce if chosen else None)
+
+        def take() -> str | None:
+            if not bulk:
+                return self.store.acquire(KEY, task_id, LOCK_TTL_MS, nonce if chosen else None)
+            # A batch: this call between two of another key, the second the
+            # same call as the first (refused by it).
+            claims = [(OTHER_KEY, "other", LOCK_TTL_MS, None), (KEY, task_id, LOCK_TTL_MS, nonce or None),
+                      (OTHER_KEY, "another", LOCK_TTL_MS, None)]
+            _other, answer, repeat = self.store.acquire_many(claims)
+            assert repeat == "other", f"a repeat inside the batch answered {repeat!r}"
+            return answer
+
+        holder = take()
         if resend:
-            again = self.store.acquire(KEY, task_id, LOCK_TTL_MS, nonce if chosen else None)
+            again = take()
             assert again == holder, f"a resent acquire answered {again!r}, the first {holder!r}"
+        self.client.delete(OTHER_KEY)
         self.accepted(task_id, nonce, throttle, before, holder)
 
     @rule(chosen=st.sampled_from((None, *CHOSEN_IDS)), resend=st.booleans(),

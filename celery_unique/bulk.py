@@ -1,0 +1,156 @@
+"""``apply_many``: enqueue many unique calls with all their locks taken in one round trip.
+
+Each signature is enqueued as its task's ``apply_async`` would enqueue it
+(the same key, TTL, headers, policy and refusal), except that the locks of
+the whole batch are taken by one script call (ACQUIRE_MANY_SCRIPT in
+:mod:`celery_unique.lock`; one per hash slot on a Cluster) before any
+message is published. Each call then gets its own outcome, in order:
+
+================================  ==============================================
+a call whose lock it took         its published ``AsyncResult`` (a publish that
+                                  fails gives that call's lock back, and the
+                                  error is its outcome)
+a refused call                    a ``DuplicateTaskError`` instance, or the
+                                  holder's ``AsyncResult`` under
+                                  ``on_duplicate="existing"``
+a lock store that fails           a ``LockStoreError`` instance; a call that
+                                  fails open is published without its lock
+a call of a plain task, or with   published as ``apply_async`` publishes it
+``unique=None``
+================================  ==============================================
+
+Errors are returned, not raised, so that one refusal does not hide what
+became of the others (as ``asyncio.gather(..., return_exceptions=True)``).
+A signature whose options are wrong (a misspelt or bad unique option)
+raises before anything is locked or published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from celery.canvas import Signature
+from celery.result import AsyncResult
+
+from . import enqueue
+from .call import Call
+from .cleanup import clean_up_later
+from .errors import LockStoreError, UniqueTaskError
+from .headers import drop_own_headers
+from .lock import AcquireError
+from .option_names import check_option_names
+from .switch import unlock_if_disabled
+from .task import UniqueTask
+
+__all__ = ["apply_many"]
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    #: What one call of the batch became.
+    Outcome: TypeAlias = "AsyncResult[Any] | Exception"
+
+# Options apply_async takes as parameters of its own, not as Celery options.
+_PARAMETERS = ("task_id", "producer", "link", "link_error", "shadow")
+
+
+def apply_many(signatures: Iterable[Signature[Any]]) -> list[Outcome]:
+    """Enqueue each signature; take the locks of its unique calls in one round trip.
+
+    Returns one outcome per signature, in order (see the module's table).
+    """
+    sigs = list(signatures)
+    calls: list[tuple[Call, int] | None] = []
+    for sig in sigs:
+        calls.append(_prepared(sig))
+    locked = [entry for entry in calls if entry is not None]
+    holders = _acquire_all(locked)
+    outcomes: list[Outcome] = []
+    for sig, entry in zip(sigs, calls, strict=True):
+        if entry is None:
+            outcomes.append(_plain(sig))
+            continue
+        outcomes.append(_settle(entry, holders.get(id(entry[0]))))
+    return outcomes
+
+
+def _prepared(sig: Signature[Any]) -> tuple[Call, int] | None:
+    # The call as UniqueTask.apply_async builds it, its lock fields filled
+    # in, with the lock's TTL; None for a call that takes no lock.
+    task = sig.type
+    if not isinstance(task, UniqueTask):
+        return None
+    options = dict(sig.options)
+    parameters = {name: options.pop(name, None) for name in _PARAMETERS}
+    check_option_names(task.name, options)
+    unlock_if_disabled(task, options)
+    requested = enqueue.take_unique_options(options)
+    ttl = requested.get("unique", task.unique)
+    if ttl is None:
+        return None
+    drop_own_headers(options)
+    call = Call(
+        task, sig.args, sig.kwargs, options, parameters["task_id"], parameters["link"],
+        parameters["link_error"], parameters["producer"], parameters["shadow"],
+        enqueue.from_schedule(task, options.get("headers")),
+    )
+    return call, enqueue.prepare(call, ttl, requested)
+
+
+def _acquire_all(locked: list[tuple[Call, int]]) -> dict[int, str | LockStoreError | None]:
+    # One ACQUIRE_MANY per lock store (an app's); each call's answer by id(call).
+    by_store: dict[int, tuple[Any, list[tuple[Call, int]]]] = {}
+    answers: dict[int, str | LockStoreError | None] = {}
+    for entry in locked:
+        try:
+            store = enqueue.lock_store(entry[0])
+        except LockStoreError as exc:
+            answers[id(entry[0])] = exc
+            continue
+        by_store.setdefault(id(store), (store, []))[1].append(entry)
+    for store, entries in by_store.values():
+        claims = [(call.key, call.lock_id, ttl_ms, call.nonce) for call, ttl_ms in entries]
+        try:
+            holders = store.acquire_many(claims)
+        except AcquireError as failure:
+            for call, _ in entries:
+                # Any of them may have been taken; none is published, so an
+                # owner-checked release is always safe.
+                clean_up_later(store, call.key, call.lock_id, call.nonce or "")
+                error = LockStoreError.from_error(call.task.name, call.key, failure.error)
+                error.__cause__ = failure.error
+                answers[id(call)] = error
+            continue
+        for (call, _), holder in zip(entries, holders, strict=True):
+            answers[id(call)] = holder
+    return answers
+
+
+def _settle(entry: tuple[Call, int], holder: str | LockStoreError | None) -> Outcome:
+    call, ttl_ms = entry
+    try:
+        if isinstance(holder, LockStoreError):
+            enqueue.failed(call, holder)
+            published: AsyncResult[Any] = call.task._publish(call)  # failed open: sent without its lock
+            return published
+        store = enqueue.lock_store(call)
+        locked = enqueue.decide(call, store, holder, ttl_ms)
+        if locked is None:
+            unlocked: AsyncResult[Any] = call.task._publish(call)
+            return unlocked
+        if isinstance(locked, AsyncResult):
+            return locked
+        return enqueue.publish(call, locked)
+    except UniqueTaskError as exc:
+        return exc
+    except Exception as exc:  # the publish failed; its lock was given back
+        return exc
+
+
+def _plain(sig: Signature[Any]) -> Outcome:
+    try:
+        result: AsyncResult[Any] = sig.apply_async()
+    except Exception as exc:
+        return exc
+    return result
