@@ -58,7 +58,11 @@ _PARAMETERS = ("task_id", "producer", "link", "link_error", "shadow")
 def apply_many(signatures: Iterable[Signature[Any]]) -> list[Outcome]:
     """Enqueue each signature; take the locks of its unique calls in one round trip.
 
-    Returns one outcome per signature, in order (see the module's table).
+    Returns one outcome per signature, in order: its ``AsyncResult``, or the
+    exception that stopped it (a ``DuplicateTaskError``, a
+    ``LockStoreError``, a failed publish's error), returned, not raised. A
+    signature with a misspelt or invalid unique option raises before
+    anything is locked or published.
     """
     sigs = list(signatures)
     calls: list[tuple[Call, int] | None] = []
