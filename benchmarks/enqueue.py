@@ -5,6 +5,11 @@ Run ``python -m benchmarks.enqueue [--quick]``. It starts a throwaway
 locks, the other libraries' locks) lives in that URL's database, and the run
 deletes only the keys it created.
 
+The ``x100`` variants enqueue 100 calls at a time, and report the time per
+call: ``apply_many x100`` a batch of unique calls whose locks are taken in
+one round trip, ``group x100`` a plain group and ``unique group x100`` a
+group of unique members (one lock each).
+
 The ``+transport`` variants publish through the package's atomic transport
 (``broker_transport = "celery_unique.transport:Transport"``), whose unique
 calls take the lock and queue the message in one script.
@@ -35,10 +40,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import celery
 import redis
-from celery import Celery
+from celery import Celery, group
 from kombu.utils.uuid import uuid
 
-from celery_unique import DuplicateTaskError, UniqueTask, enqueue
+from celery_unique import DuplicateTaskError, UniqueTask, apply_many, enqueue
 from celery_unique.config import lock_store
 from celery_unique.testing import RedisServer
 
@@ -48,6 +53,8 @@ QUEUE = "bench.enqueue"
 TTL = 60
 #: Key patterns of everything a run creates, deleted between rounds and at the end.
 UNIQUE_KEYS = f"unique:{QUEUE}:*"
+#: The queued markers of group members (caller-chosen ids), beside their locks.
+MARKER_KEYS = f"unique:*:{{unique:{QUEUE}:*"
 ONCE_KEYS = "qo_benchmarks.*"
 SINGLETON_PREFIX = "bench-singleton:"
 
@@ -84,6 +91,8 @@ class Variant:
     call: Callable[[int], Any]
     #: Run after each flush, before the variant's timed calls (the duplicate's held lock).
     prepare: Callable[[], Any] = lambda: None
+    #: Calls one ``call(i)`` enqueues (a batch); samples are per call.
+    per_call: int = 1
     samples: list[float] = field(default_factory=list)
 
     @property
@@ -224,6 +233,34 @@ def core_variants(app: Celery) -> list[Variant]:
     ]
 
 
+#: Calls per batch of the ``x100`` variants.
+BATCH = 100
+
+
+def batch_variants(app: Celery) -> list[Variant]:
+    """100 calls at a time: apply_many of unique calls, a plain group, a group of unique members."""
+    plain = app.tasks["benchmarks.plain_report"]
+    unique = app.tasks["benchmarks.unique_report"]
+
+    def many(i: int) -> None:
+        outcomes = apply_many([unique.s(i * BATCH + j, "daily", "pdf").set(unique=TTL) for j in range(BATCH)])
+        if any(isinstance(outcome, Exception) for outcome in outcomes):
+            raise AssertionError(f"a batch call failed: {outcomes}")
+
+    def plain_group(i: int) -> None:
+        group(plain.s(i * BATCH + j, "daily", "pdf") for j in range(BATCH)).apply_async()
+
+    def unique_group(i: int) -> None:
+        # Its own arguments: the warm-up runs every variant before the first flush.
+        group(unique.s(i * BATCH + j, "weekly", "pdf").set(unique=TTL) for j in range(BATCH)).apply_async()
+
+    return [
+        Variant(f"apply_many x{BATCH}", many, per_call=BATCH),
+        Variant(f"group x{BATCH}", plain_group, per_call=BATCH),
+        Variant(f"unique group x{BATCH}", unique_group, per_call=BATCH),
+    ]
+
+
 def transport_variants(url: str) -> list[Variant]:
     """The atomic transport: a unique enqueue, a refused one, and a plain task through it.
 
@@ -313,7 +350,7 @@ def optional_variants(app: Celery, client: redis.Redis) -> list[Variant]:
 def flush(client: redis.Redis) -> None:
     """Delete the queue and every lock this run created, and nothing else."""
     client.delete(QUEUE)
-    for pattern in (UNIQUE_KEYS, ONCE_KEYS, f"{SINGLETON_PREFIX}*"):
+    for pattern in (UNIQUE_KEYS, MARKER_KEYS, ONCE_KEYS, f"{SINGLETON_PREFIX}*"):
         keys = list(client.scan_iter(match=pattern, count=1000))
         for start in range(0, len(keys), 1000):
             client.unlink(*keys[start : start + 1000])
@@ -345,7 +382,7 @@ def run_rounds(variants: list[Variant], client: redis.Redis, settings: Settings)
     """Run every variant ``settings.rounds`` times, rotating the order each round."""
     for variant in variants:  # warm-up: connections, script loads, caches
         variant.prepare()
-        time_calls(variant.call, 10_000_000, 20)
+        time_calls(variant.call, 10_000_000, max(2, 20 // variant.per_call))
     flush(client)
     next_arg = 0
     for round_no in range(settings.rounds):
@@ -353,8 +390,10 @@ def run_rounds(variants: list[Variant], client: redis.Redis, settings: Settings)
         for variant in variants[shift:] + variants[:shift]:
             variant.prepare()
             gc.collect()  # a collection inside one variant's calls would bias it
-            variant.samples += time_calls(variant.call, next_arg, settings.calls)
-            next_arg += settings.calls
+            batches = max(1, settings.calls // variant.per_call)
+            samples = time_calls(variant.call, next_arg, batches)
+            variant.samples += [sample / variant.per_call for sample in samples]
+            next_arg += batches * variant.per_call
             # The queue and the locks are emptied after each batch, so Redis
             # memory and list length are the same for every variant.
             flush(client)
@@ -497,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             variants = core_variants(app)
             variants.append(checked_duplicate_variant(url))
+            variants += batch_variants(app)
             variants += transport_variants(url)
             variants += optional_variants(app, client)
             run_rounds(variants, client, settings)

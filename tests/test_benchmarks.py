@@ -48,7 +48,11 @@ def test_quick_run_succeeds(quick_run: QuickRun) -> None:
 
 
 @pytest.mark.parametrize(
-    "variant", ["plain", "unique", "duplicate", "unique+transport", "duplicate+transport", "plain+transport"]
+    "variant",
+    [
+        "plain", "unique", "duplicate", "unique+transport", "duplicate+transport", "plain+transport",
+        "apply_many x100", "group x100", "unique group x100",
+    ],
 )
 def test_core_variant_ratio_printed(quick_run: QuickRun, variant: str) -> None:
     """Each celery-unique variant gets a throughput ratio against plain Celery."""
