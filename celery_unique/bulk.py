@@ -21,12 +21,15 @@ a call of a plain task, or with   published as ``apply_async`` publishes it
 
 Errors are returned, not raised, so that one refusal does not hide what
 became of the others (as ``asyncio.gather(..., return_exceptions=True)``).
+An interruption (``KeyboardInterrupt``, a time limit) propagates, after the
+locks of the calls not published yet are given back.
 A signature whose options are wrong (a misspelt or bad unique option)
 raises before anything is locked or published.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +38,7 @@ from celery.result import AsyncResult
 
 from . import enqueue
 from .call import Call
-from .cleanup import clean_up_later
+from .cleanup import clean_up_later, release_quietly
 from .errors import LockStoreError, UniqueTaskError
 from .headers import drop_own_headers
 from .lock import AcquireError
@@ -71,11 +74,20 @@ def apply_many(signatures: Iterable[Signature[Any]]) -> list[Outcome]:
     locked = [entry for entry in calls if entry is not None]
     holders = _acquire_all(locked)
     outcomes: list[Outcome] = []
-    for sig, entry in zip(sigs, calls, strict=True):
-        if entry is None:
-            outcomes.append(_plain(sig))
-            continue
-        outcomes.append(_settle(entry, holders.get(id(entry[0]))))
+    try:
+        for sig, entry in zip(sigs, calls, strict=True):
+            if entry is None:
+                outcomes.append(_plain(sig))
+                continue
+            outcomes.append(_settle(entry, holders.pop(id(entry[0]))))
+    except BaseException:
+        # Interrupted (Ctrl-C, a worker's time limit): the calls not settled
+        # yet hold locks for messages that will never be published.
+        for call, _ in locked:
+            if holders.get(id(call), "") is None:
+                with contextlib.suppress(Exception):
+                    release_quietly(enqueue.lock_store(call), call.key, call.lock_id, call.nonce or "")
+        raise
     return outcomes
 
 

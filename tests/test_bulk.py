@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.signals import before_task_publish
 
 from celery_unique import DuplicateTaskError, LockStoreError, UniqueTask, UniqueTypeError, apply_many
 from celery_unique.lock import LockStore
@@ -98,6 +99,28 @@ def test_a_failed_publish_gives_back_only_its_own_lock(
     assert not isinstance(outcomes[1], DuplicateTaskError)
     assert locks.get(tasks.send_report.lock_key((2,), {}, {})) is None
     assert locks.get(tasks.send_report.lock_key((1,), {}, {})) == outcomes[0].id.encode()
+    assert broker.llen("celery") == 1
+
+
+def test_an_interrupted_batch_leaves_no_lock_without_its_message(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """Ctrl-C at the second publish: the first call stays published and locked, the others hold nothing."""
+    published: list[str] = []
+
+    def interrupt(sender: Any = None, headers: Any = None, **_: Any) -> None:
+        published.append(headers["id"])
+        if len(published) == 2:
+            raise KeyboardInterrupt
+
+    before_task_publish.connect(interrupt, weak=False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            apply_many([tasks.send_report.s(i).set(unique=60) for i in range(4)])
+    finally:
+        before_task_publish.disconnect(interrupt)
+    held = [locks.get(tasks.send_report.lock_key((i,), {}, {})) for i in range(4)]
+    assert held == [published[0].encode(), None, None, None]
     assert broker.llen("celery") == 1
 
 
