@@ -52,6 +52,7 @@ __all__ = [
     "Attempt",
     "LockStore",
     "Outcome",
+    "Replaced",
     "Ticket",
     "attempt_of",
     "enqueue_locked",
@@ -107,6 +108,19 @@ class Ticket(NamedTuple):
     nonce: str
     #: The lock store's database, on the broker's server.
     db: int
+
+
+class Replaced(NamedTuple):
+    """What REPLACE_SCRIPT did for a call (see :meth:`LockStore.replace`)."""
+
+    #: The holder that refused the call, or None if the call holds the lock.
+    holder: str | None
+    #: When the first call of this debounce took the lock (ms, Redis time).
+    since_ms: int
+    #: The holder the call replaced, if any.
+    replaced: str | None
+    #: Redis time as the script ran (ms).
+    now_ms: int
 
 
 #: How a run ends, as the lock store sees it (see END_SCRIPT).
@@ -301,6 +315,58 @@ for i = 1, #ARGV, 3 do
     out[#out + 1] = holder or ''
 end
 return out
+"""
+
+    # Take the lock for a call that replaces a holder not begun yet
+    # (on_duplicate="replace", a debounce), or take it if it is free. Such
+    # calls always carry a nonce: their "queued" marker says the holder may
+    # be replaced, and since when the calls it replaced were waiting.
+    #
+    # KEYS[1] - lock key
+    # KEYS[2] - marker of ARGV[1]
+    # KEYS[3] - former-incarnation key of ARGV[1] (see ACQUIRE_SCRIPT)
+    # KEYS[4] - (second try only) marker of ARGV[4], the holder read before
+    # ARGV[1] - task id that wants the lock
+    # ARGV[2] - time to live in milliseconds
+    # ARGV[3] - the incarnation's nonce
+    # ARGV[4] - the holder the first try named, or "" on the first try
+    # return {"", since, replaced, now} if ARGV[1] now holds the lock:
+    #        ``since`` is when the first call of this debounce took it (ms,
+    #        Redis time), ``replaced`` the holder it dropped or "", ``now``
+    #        Redis time; {holder} otherwise: a first try that finds a holder
+    #        learns its id, to try again with its marker; a second try is
+    #        refused if the lock changed hands, or the holder began, ended,
+    #        retried or was not sent to be replaced (its runs may be
+    #        unmarked, and nothing would show it began). A replaced holder's
+    #        marker says "revoked": every copy of it is dropped as it
+    #        begins. A resend finds its own first attempt by its nonce.
+    REPLACE_SCRIPT = _PRELUDE + """
+local now = now_ms()
+local ttl = tonumber(ARGV[2])
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+    local m = parse(redis.call('GET', KEYS[2]))
+    if m and m.s == 'q' and m.nonce == ARGV[3] and string.sub(m.owner, 1, 1) == 's' then
+        return {'', tonumber(string.sub(m.owner, 2)) or now, '', now}
+    end
+    return {holder}
+end
+local since = now
+local replaced = ''
+if holder then
+    if holder ~= ARGV[4] or not KEYS[4] then return {holder} end
+    local f = parse(redis.call('GET', KEYS[4]))
+    if not f or f.s ~= 'q' or f.n ~= 0 or f.k ~= 0 or string.sub(f.owner, 1, 1) ~= 's' then
+        return {holder}
+    end
+    since = tonumber(string.sub(f.owner, 2)) or now
+    until_deadline(KEYS[4], state('x', 0, 0, f.nonce, f.dl), f.dl, now, nil)
+    replaced = holder
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+set_aside(KEYS[2], KEYS[3], ARGV[3], now)
+redis.call('SET', KEYS[2], state('q', 0, 0, ARGV[3], now + ttl) .. '|s' .. since, 'PX', ttl)
+return {'', since, replaced, now}
 """
 
     # Mark a copy of a task running, or say why it must not run now.
@@ -543,6 +609,7 @@ return false
         self._take_over = client.register_script(self.TAKE_OVER_SCRIPT)
         self._enqueue = client.register_script(self.ENQUEUE_SCRIPT)
         self._acquire_many = client.register_script(self.ACQUIRE_MANY_SCRIPT)
+        self._replace = client.register_script(self.REPLACE_SCRIPT)
         # One server behind a plain pool: the hot paths (the producer's
         # acquire, the worker's end) write pre-packed commands on connections
         # of their own. Sentinel and Cluster clients take redis-py's path.
@@ -574,6 +641,25 @@ return false
             except redis.RedisError as exc:
                 raise AcquireError(exc, maybe_applied=True) from exc
         return _text(self._own_call(self._acquire, keys, args))
+
+    def replace(self, key: str, task_id: str, ttl_ms: int, nonce: str) -> Replaced:
+        """Take the lock for ``task_id``, replacing a holder that has not begun (see REPLACE_SCRIPT).
+
+        Two tries at most: the first learns the holder, the second replaces
+        it if it still holds the lock and has not begun.
+        """
+        keys = [key, marker_key(key, task_id), former_marker_key(key, task_id)]
+        args: list[str | int] = [task_id, ttl_ms, nonce, ""]
+        for _ in range(2):
+            reply: list[Any] = list(self._call(self._replace, keys, args))
+            holder = _text(reply[0])
+            if not holder:
+                return Replaced(None, int(reply[1]), _text(reply[2]) or None, int(reply[3]))
+            if args[3] == holder:
+                break
+            keys = [*keys[:3], marker_key(key, holder)]
+            args[3] = holder
+        return Replaced(holder, 0, None, 0)
 
     def acquire_many(self, claims: Sequence[tuple[str, str, int, str | None]]) -> list[str | None]:
         """Take each ``(key, task_id, ttl_ms, nonce)`` lock as :meth:`acquire` would, in one step.

@@ -7,13 +7,14 @@ redelivery of a message (Redis restoring it, RabbitMQ redelivering it),
 a copy's beginning, its body storing a result, its end with each outcome,
 a retry, a crash, the death reported by the worker's main process, a
 revoke, a purge, a reap, time passing (unrenewed markers expire) and the
-lock's TTL passing. A call is a throttle (``unique_until="expiry"``) or
-not. A command's reply may be lost: the client sends it again. An enqueue goes
+lock's TTL passing, and a call that replaces a holder not begun yet
+(``on_duplicate="replace"``, a debounce). A call is a throttle
+(``unique_until="expiry"``) or not. A command's reply may be lost: the client sends it again. An enqueue goes
 through ACQUIRE_SCRIPT (the lock, then a publish) or ENQUEUE_SCRIPT (the
 opt-in transport: lock and message in one script, the queue in a database of
 its own), and the queue must hold exactly one message per call accepted that way. Each rule
 calls :class:`celery_unique.lock.LockStore` on a real Redis, and after
-every step the machine checks invariants 1-6 of docs/protocol.md against
+every step the machine checks invariants 1-7 of docs/protocol.md against
 what Redis holds and what the model knows.
 
 The model runs a copy *unmarked* only where a worker would: a first copy of
@@ -87,6 +88,10 @@ class Incarnation:
     #: "expiry" for a throttle; otherwise the end rule draws "success" or "finish".
     until: str = "success"
     revoked: bool = False
+    #: Sent with on_duplicate="replace": a later call may replace it before it begins; its copies are marked.
+    replaceable: bool = False
+    #: A later call replaced it (REPLACE_SCRIPT): no copy of it may run.
+    replaced: bool = False
     #: Its lock's TTL passed (or the lock was taken over): best effort from then on.
     expired: bool = False
     #: Its chosen id was enqueued again: a copy of an attempt of it that ended
@@ -158,7 +163,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     def assert_let_go(self, call: Incarnation, how: str) -> None:
         """Invariant 3, no hang: a call that succeeded, ended and runs nowhere holds no lock."""
-        if call.expired or call.superseded or call.revoked or call.until == "expiry":
+        if call.expired or call.superseded or call.revoked or call.replaced or call.until == "expiry":
             return
         if call.latest not in call.ended_attempts or call.stored != "SUCCESS":
             return
@@ -241,6 +246,41 @@ class ProtocolMachine(RuleBasedStateMachine):
                 call.superseded = True
         self.calls[(task_id, nonce)] = Incarnation(task_id, nonce, "expiry" if throttle else "success")
         self.new_copy(task_id, nonce)
+
+    @rule(resend=st.booleans(), throttle=st.sampled_from((False, False, False, True)))
+    def enqueue_replacing(self, resend: bool, throttle: bool) -> None:
+        """A call with on_duplicate="replace" (REPLACE_SCRIPT): it replaces a holder that has not begun."""
+        task_id, nonce = f"gen-{next(self.generated)}", f"n{next(self.numbers)}"
+        before = self.holder()
+        held = next(
+            (c for c in self.calls.values()
+             if c.task_id == before and not (c.expired or c.superseded or c.revoked or c.replaced)),
+            None,
+        )
+        answer = self.store.replace(KEY, task_id, LOCK_TTL_MS, nonce)
+        if resend:
+            again = self.store.replace(KEY, task_id, LOCK_TTL_MS, nonce)
+            assert again.holder == answer.holder, f"a resent replace answered {again}, the first {answer}"
+        if answer.holder is not None:
+            assert answer.holder == before, f"refused by {answer.holder!r}, but {before!r} held the lock"
+            if held is not None and held.replaceable and not self.begun(held):
+                raise AssertionError(f"{task_id} was refused, though {held} had not begun")
+            return
+        if before is not None:
+            assert answer.replaced == before, f"took {before!r}'s lock, says it replaced {answer.replaced!r}"
+            if held is not None:
+                assert held.replaceable, f"replaced {held}, which was not sent to be replaced"
+                assert not self.begun(held), f"replaced {held}, which had begun"
+                held.replaced = True
+        self.calls[(task_id, nonce)] = Incarnation(
+            task_id, nonce, "expiry" if throttle else "success", replaceable=True
+        )
+        self.new_copy(task_id, nonce, marked=True)
+
+    def begun(self, call: Incarnation) -> bool:
+        """Whether a copy of ``call`` has begun, or a retry of it is out."""
+        mine = [c for c in self.copies if (c.task_id, c.nonce) == (call.task_id, call.nonce)]
+        return call.latest != (0, 0) or any(c.state not in ("queued", "dropped", "purged") for c in mine)
 
     def finished_holder(self) -> Incarnation | None:
         """The current incarnation holding the lock, if the result backend says it finished."""
@@ -339,7 +379,9 @@ class ProtocolMachine(RuleBasedStateMachine):
             ), f"{copy} skipped though its attempt never ended"
             copy.state = "dropped"
         elif verdict == "drop":
-            assert call.revoked or call.expired, f"{copy} dropped though it was never revoked or purged"
+            assert call.revoked or call.replaced or call.expired, (
+                f"{copy} dropped though it was never revoked, purged or replaced"
+            )
             copy.state = "dropped"
         else:
             raise AssertionError(f"unknown verdict {reply!r}")
@@ -359,6 +401,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert not others, f"{how}: {copy} runs beside {others}"
         assert (copy.nesting, copy.retries) not in call.ended_attempts, f"{how}: {copy} ran again"
         assert not call.revoked, f"{how}: revoked {copy} runs"
+        assert not call.replaced, f"{how}: {copy} runs, though a later call replaced it"
 
     @precondition(lambda self: self.copies_in("running"))
     @rule(data=st.data(), state=st.sampled_from(("SUCCESS", "FAILURE")))
@@ -400,6 +443,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         copy = data.draw(st.sampled_from([c for c in self.copies_in("running") if not c.stray]))
         call = self.call_of(copy)
         attempt = (copy.nesting, copy.retries + 1)
+        # A replaceable call's retry carries its header: its runs are marked too.
+        marked = marked or call.replaceable
         self.new_copy(copy.task_id, copy.nonce, nesting=attempt[0], retries=attempt[1], marked=marked)
         call.latest = max(call.latest, attempt)
         # The retry is published; CONTINUE follows (``continued``), and the
@@ -527,7 +572,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         """Invariant 6: a throttle's lock is its own until its TTL, unless a revoke or purge dropped it."""
         holder = None
         for call in self.calls.values():
-            if call.until == "expiry" and not (call.expired or call.superseded or call.revoked):
+            dropped = call.revoked or call.replaced
+            if call.until == "expiry" and not (call.expired or call.superseded or dropped):
                 holder = holder or self.holder()
                 assert holder == call.task_id, f"throttle {call} lost its lock to {holder!r} before its TTL"
 
