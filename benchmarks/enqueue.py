@@ -5,6 +5,9 @@ Run ``python -m benchmarks.enqueue [--quick]``. It starts a throwaway
 locks, the other libraries' locks) lives in that URL's database, and the run
 deletes only the keys it created.
 
+``replace`` is a unique call with ``on_duplicate="replace"`` that finds the
+lock free, ``replacing`` one that replaces the holder before it (a debounce).
+
 The ``x100`` variants enqueue 100 calls at a time, and report the time per
 call: ``apply_many x100`` a batch of unique calls whose locks are taken in
 one round trip, ``group x100`` a plain group and ``unique group x100`` a
@@ -226,10 +229,23 @@ def core_variants(app: Celery) -> list[Variant]:
         else:
             raise AssertionError("the held lock did not refuse the duplicate")
 
+    def hold_replaceable() -> None:
+        unique.apply_async((-2, "held", "pdf"), unique=TTL, on_duplicate="replace", countdown=60)
+
+    def replacing(_: int) -> None:
+        # Each call replaces the one before it, which has not begun.
+        unique.apply_async((-2, "held", "pdf"), unique=TTL, on_duplicate="replace", countdown=60)
+
     return [
         Variant("plain", lambda i: plain.apply_async((i, "daily", "pdf"))),
         Variant("unique", lambda i: unique.apply_async((i, "daily", "pdf"), unique=TTL)),
         Variant("duplicate", duplicate, prepare=hold),
+        # on_duplicate="replace": a first call (the lock free; its own arguments,
+        # since the warm-up runs every variant before the first flush), and one
+        # that replaces a holder.
+        Variant("replace", lambda i: unique.apply_async((i, "monthly", "pdf"), unique=TTL,
+                                                         on_duplicate="replace")),
+        Variant("replacing", replacing, prepare=hold_replaceable),
     ]
 
 
