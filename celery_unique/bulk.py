@@ -15,8 +15,9 @@ a refused call                    a ``DuplicateTaskError`` instance, or the
                                   ``on_duplicate="existing"``
 a lock store that fails           a ``LockStoreError`` instance; a call that
                                   fails open is published without its lock
-a call of a plain task, or with   published as ``apply_async`` publishes it
-``unique=None``
+a call of a plain task, with      published as ``apply_async`` publishes it
+``unique=None`` or
+``on_duplicate="replace"``
 ================================  ==============================================
 
 Errors are returned, not raised, so that one refusal does not hide what
@@ -111,7 +112,10 @@ def _prepared(sig: Signature[Any]) -> tuple[Call, int] | None:
         parameters["link_error"], parameters["producer"], parameters["shadow"],
         enqueue.from_schedule(task, options.get("headers")),
     )
-    return call, enqueue.prepare(call, ttl, requested)
+    lock_ttl_ms = enqueue.prepare(call, ttl, requested)
+    if call.unique.on_duplicate == "replace":
+        return None  # a debounce replaces its holder on its own: apply_async's path
+    return call, lock_ttl_ms
 
 
 def _acquire_all(locked: list[tuple[Call, int]]) -> dict[int, str | LockStoreError | None]:

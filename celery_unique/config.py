@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.utils.text import match_case
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, UniqueTypeError, UniqueValueError
 from .options import ON_DUPLICATE, ON_STORE_ERROR, UNTIL, OnDuplicate, OnStoreError, Until
 from .redis_url import (
     SERVER_SCHEMES,
@@ -38,6 +38,7 @@ from .redis_url import (
     redact,
 )
 from .store_target import StoreTarget
+from .ttl import max_wait_ms
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -107,6 +108,8 @@ class UniqueConfig:
     on_duplicate: OnDuplicate = "raise"
     #: App-wide default of the ``unique_on_store_error`` option.
     on_store_error: OnStoreError = "raise"
+    #: App-wide default of the ``unique_max_wait`` option (seconds, a timedelta or None).
+    max_wait: Any = None
     #: Seconds a running marker lives without a heartbeat (renewed every third
     #: of it): how long a copy of a task id waits after its worker died.
     running_ttl: float = 30.0
@@ -185,6 +188,14 @@ class UniqueConfig:
                 raise ConfigurationError(
                     f"{name(setting)} must be one of {', '.join(map(repr, choices))}, not {value!r}"
                 )
+        max_wait = conf.get("unique_max_wait")
+        try:
+            max_wait_ms("app settings", max_wait)
+        except (UniqueTypeError, UniqueValueError) as exc:
+            raise ConfigurationError(
+                f"{name('unique_max_wait')} must be a number of seconds or a timedelta, at least 0, "
+                f"not {max_wait!r}"
+            ) from exc
         return cls(
             default_queue=str(conf.get("task_default_queue") or cls.default_queue),
             transport_options=dict(transport_options),
@@ -192,6 +203,7 @@ class UniqueConfig:
             until=until,
             on_duplicate=on_duplicate,
             on_store_error=on_store_error,
+            max_wait=max_wait,
             redis_url=url,
             key_prefix=prefix,
             socket_timeout=float(timeout),

@@ -40,6 +40,7 @@ def unique_task(
     unique_until: Until | None = ...,
     on_duplicate: OnDuplicate | None = ...,
     unique_on_store_error: OnStoreError | None = ...,
+    unique_max_wait: float | timedelta | None = ...,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], _T]: ...
 
@@ -53,6 +54,7 @@ def unique_task(
     unique_until: Until | None = ...,
     on_duplicate: OnDuplicate | None = ...,
     unique_on_store_error: OnStoreError | None = ...,
+    unique_max_wait: float | timedelta | None = ...,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], UniqueTask]: ...
 
@@ -66,6 +68,7 @@ def unique_task(
     unique_until: Until | None = _UNSET,
     on_duplicate: OnDuplicate | None = _UNSET,
     unique_on_store_error: OnStoreError | None = _UNSET,
+    unique_max_wait: float | timedelta | None = _UNSET,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], UniqueTask]:
     """Return ``app.task`` (or ``shared_task``) for a ``UniqueTask``, typed.
@@ -81,6 +84,7 @@ def unique_task(
         "unique_until": unique_until,
         "on_duplicate": on_duplicate,
         "unique_on_store_error": unique_on_store_error,
+        "unique_max_wait": unique_max_wait,
     }
     options.update((name, value) for name, value in given.items() if value is not _UNSET)
     decorator: Callable[[Callable[..., Any]], UniqueTask] = (

@@ -43,11 +43,19 @@ from .compat import BEAT_HEADER
 from .config import UniqueConfig, app_state
 from .errors import DuplicateTaskError, LockStoreError
 from .execution import eager_calls
-from .headers import LOCK_HEADER, NONCE_HEADER, OWN_HEADERS, TICKET_HEADER, UNLOCKED_HEADER, UNTIL_HEADER
+from .headers import (
+    LOCK_HEADER,
+    NONCE_HEADER,
+    OWN_HEADERS,
+    REPLACEABLE_HEADER,
+    TICKET_HEADER,
+    UNLOCKED_HEADER,
+    UNTIL_HEADER,
+)
 from .holders import Claim, looks_up_any_task, take_over_if_finished
 from .ids import new_task_id
 from .keys import lock_key
-from .lock import AcquireError, LockStore
+from .lock import AcquireError, LockStore, Replaced
 from .options import (
     ON_DUPLICATE,
     ON_STORE_ERROR,
@@ -58,7 +66,7 @@ from .options import (
     check_unique_on,
 )
 from .signals import in_beat
-from .ttl import delay_ms, ttl_ms
+from .ttl import delay_ms, max_wait_ms, ttl_ms
 
 __all__ = [
     "decide",
@@ -111,11 +119,17 @@ def resolve_options(
     on_store_error = (
         requested.get("unique_on_store_error") or task.unique_on_store_error or config.on_store_error
     )
+    max_wait = requested.get("unique_max_wait", task.unique_max_wait)
+    if max_wait is None:
+        max_wait = config.max_wait
     unique_on = requested.get("unique_on", task.unique_on)
     # Checked once per distinct combination: calls repeat a handful of them.
     cache: dict[Any, UniqueOptions] = task.__dict__.setdefault("_unique_options", {})
     try:
-        cache_key: Any = (ttl, type(ttl), until, on_duplicate, on_store_error, unique_on, type(unique_on))
+        cache_key: Any = (
+            ttl, type(ttl), until, on_duplicate, on_store_error, max_wait, type(max_wait),
+            unique_on, type(unique_on),
+        )
         return cache[cache_key]
     except TypeError:  # an unhashable unique_on (a list): checked every time
         cache_key = None
@@ -128,6 +142,7 @@ def resolve_options(
         until=check_choice(name, "unique_until", until, UNTIL),
         on_duplicate=check_choice(name, "on_duplicate", on_duplicate, ON_DUPLICATE),
         on_store_error=check_choice(name, "unique_on_store_error", on_store_error, ON_STORE_ERROR),
+        max_wait_ms=max_wait_ms(name, max_wait),
     )
     if cache_key is not None and len(cache) < 256:
         cache[cache_key] = options
@@ -152,16 +167,20 @@ def prepare(call: Call, ttl: Any, requested: Mapping[str, Any]) -> int:
         lock_ttl_ms += delay_ms(app.now(), countdown, eta)
     # The lock's value is the task id, so the id must exist before the lock.
     # A caller-chosen id may have run before: its incarnation gets a nonce.
+    # A replaceable call's marker says so: it gets a nonce too.
     chosen_id = call.task_id
     call.task_id = chosen_id or new_task_id()
     call.chosen = chosen_id is not None
-    nonce = call.nonce = secrets.token_urlsafe(6) if chosen_id else None
+    replaceable = _replaces(call)
+    nonce = call.nonce = secrets.token_urlsafe(6) if chosen_id or replaceable else None
     headers = dict(options.get("headers") or ())
     headers[LOCK_HEADER] = key
     if unique.until != "success":
         headers[UNTIL_HEADER] = unique.until
     if nonce is not None:
         headers[NONCE_HEADER] = nonce
+    if replaceable:
+        headers[REPLACEABLE_HEADER] = 1
     options["headers"] = headers
     return lock_ttl_ms
 
@@ -173,6 +192,8 @@ def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | Asyn
     (``unique_on_store_error="enqueue"``): it goes out without a lock.
     """
     lock_ttl_ms = prepare(call, ttl, requested)
+    if _replaces(call):
+        return _replace(call, lock_ttl_ms)
     task = call.task
     app = task._get_app()
     lock_db = None if _running_here.get() or app.conf.task_always_eager else atomic.lock_db(app)
@@ -191,6 +212,68 @@ def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | Asyn
         failed(call, exc)
         return None
     return decide(call, store, holder, lock_ttl_ms)
+
+
+def _replaces(call: Call) -> bool:
+    # A debounce replaces a queued holder; run here or eagerly, a call
+    # refuses as "raise" would (the holder it finds has run already).
+    if call.unique.on_duplicate != "replace" or _running_here.get():
+        return False
+    return not call.task._get_app().conf.task_always_eager
+
+
+def _replace(call: Call, lock_ttl_ms: int) -> LockStore | AsyncResult[Any] | None:
+    # on_duplicate="replace": REPLACE_SCRIPT takes the lock, dropping a
+    # holder that has not begun; a holder that has begun refuses the call,
+    # after the holder check, as "raise" does.
+    task = call.task
+    try:
+        store = lock_store(call)
+        try:
+            answer = store.replace(call.key, call.lock_id, lock_ttl_ms, call.nonce or "")
+        except redis.RedisError as exc:
+            events.store_error(task)
+            clean_up_later(store, call.key, call.lock_id, call.nonce or "")
+            raise LockStoreError.from_error(task.name, call.key, exc) from exc
+    except LockStoreError as exc:
+        failed(call, exc)
+        return None
+    if answer.holder is not None:
+        return decide(call, store, answer.holder, lock_ttl_ms)
+    if answer.replaced is not None:
+        _dropped(call, answer.replaced)
+    _cap_delay(call, answer)
+    events.taken(task, call.key, call.lock_id, lock_ttl_ms)
+    return store
+
+
+def _dropped(call: Call, replaced: str) -> None:
+    # The replaced call never runs (its marker says "revoked"): its result
+    # says so at once, so that nobody waits on it for ever.
+    task = call.task
+    events.replaced(task, call.key, replaced, call.lock_id)
+    backend = task.backend
+    if looks_up_any_task(backend):
+        try:
+            backend.mark_as_revoked(replaced, reason=f"replaced by {call.lock_id}")
+        except Exception as exc:  # the result backend is down: the replaced call stays PENDING
+            events.replaced_not_stored(task, replaced, exc)
+
+
+def _cap_delay(call: Call, answer: Replaced) -> None:
+    # unique_max_wait: the run comes no later than the first replaced
+    # call's time plus the cap (Redis time, as the script saw it).
+    cap = call.unique.max_wait_ms
+    if cap is None:
+        return
+    options = call.options
+    countdown, eta = options.get("countdown"), options.get("eta")
+    if not (countdown or eta):
+        return
+    left_ms = max(0, answer.since_ms + cap - answer.now_ms)
+    if delay_ms(call.task._get_app().now(), countdown, eta) > left_ms:
+        options.pop("eta", None)
+        options["countdown"] = left_ms / 1000
 
 
 def lock_store(call: Call) -> LockStore:

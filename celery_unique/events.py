@@ -8,6 +8,7 @@ refused           INFO       ``task_duplicate``     ``celery_unique_refused_tota
 released          DEBUG      ``lock_released``      ``celery_unique_released_total``
 kept (at an end)  DEBUG
 taken over        INFO       ``lock_taken_over``    ``celery_unique_taken_over_total``
+replaced          INFO                              ``celery_unique_replaced_total``
 store error       WARNING                           ``celery_unique_store_errors_total``
 sent unlocked     WARNING                           ``celery_unique_unlocked_total``
 (fail-open)       (once a minute per task)
@@ -41,6 +42,8 @@ __all__ = [
     "lock_taken_over",
     "refused",
     "released",
+    "replaced",
+    "replaced_not_stored",
     "store_error",
     "taken",
     "taken_over",
@@ -96,6 +99,21 @@ def kept(task: Any, key: str, task_id: str, reason: str) -> None:
     """A run ended and its lock stays, as ``reason`` says."""
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("celery_unique: kept lock %s of %s[%s] (%s)", key, _name(task), task_id, reason)
+
+
+def replaced(task: Any, key: str, replaced_id: str, task_id: str) -> None:
+    """A call replaced ``replaced_id``, a holder that had not begun (``on_duplicate="replace"``)."""
+    name = _name(task)
+    metrics.replaced(name)
+    logger.info("celery_unique: %s[%s] replaced task %s, which had not begun, under lock %s",
+                name, task_id, replaced_id, key)
+
+
+def replaced_not_stored(task: Any, replaced_id: str, error: BaseException) -> None:
+    """The replaced call's REVOKED state could not be stored: it stays PENDING."""
+    logger.warning(
+        "celery_unique: could not store task %s[%s] as replaced (%s)", _name(task), replaced_id, error,
+    )
 
 
 def taken_over(task: Any, key: str, holder: str, task_id: str, state: str | None) -> None:

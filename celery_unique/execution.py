@@ -49,7 +49,15 @@ from celery.exceptions import Ignore
 from . import events, liveness
 from .config import app_state
 from .errors import ConfigurationError
-from .headers import HELD_HEADER, RECEIVED_KEY, Carried, carried_by, headers_of, nesting_of
+from .headers import (
+    HELD_HEADER,
+    RECEIVED_KEY,
+    REPLACEABLE_HEADER,
+    Carried,
+    carried_by,
+    headers_of,
+    nesting_of,
+)
 from .holders import stored_state
 from .keeper import keeper
 from .keys import marker_key
@@ -164,7 +172,9 @@ class Run:
         redelivered = bool((getattr(request, "delivery_info", None) or {}).get("redelivered"))
         acks_late = bool(self.task.acks_late)
         aged = window > 0 and (age is None or age >= window / 2)
-        copied = headers.get(HELD_HEADER) or redelivered or aged
+        # A replaceable call's run is always marked: the marker is how a later
+        # call knows it has begun, and may no longer replace it.
+        copied = headers.get(HELD_HEADER) or headers.get(REPLACEABLE_HEADER) or redelivered or aged
         if copied or (acks_late and (window == 0 or self.until == "start")):
             self.mark()
         elif acks_late and isinstance(received, (int, float)):

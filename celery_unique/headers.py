@@ -10,6 +10,8 @@ header                      value
 ``celery_unique_nesting``   on a replacement: its replace nesting, which
                             Celery before 5.4 does not carry in a message
 ``celery_unique_held``      on a copy held back while another copy ran
+``celery_unique_replaceable``  on a call a later one may replace
+                            (``on_duplicate="replace"``): its runs are marked
 ``celery_unique_ticket``    the lock for the package's transport to take as
                             it queues the message; it takes it out first
 ==========================  ===============================================
@@ -33,6 +35,7 @@ __all__ = [
     "NONCE_HEADER",
     "OWN_HEADERS",
     "RECEIVED_KEY",
+    "REPLACEABLE_HEADER",
     "REPLACES_HEADER",
     "TICKET_HEADER",
     "UNLOCKED_HEADER",
@@ -56,6 +59,9 @@ REPLACES_HEADER = "celery_unique_replaces"
 #: ``replaced_task_nesting`` in the message; Celery 5.3 sets it on the
 #: signature and drops it, so its replacement would run as nesting 0.
 NESTING_HEADER = "celery_unique_nesting"
+#: Set on a call that a later call may replace (``on_duplicate="replace"``):
+#: its runs are marked, so that the lock store knows when one has begun.
+REPLACEABLE_HEADER = "celery_unique_replaceable"
 #: Set on a copy published again because another copy of its attempt ran.
 HELD_HEADER = "celery_unique_held"
 #: On a call that went out without its lock (the lock store failed, and the
@@ -71,7 +77,7 @@ RECEIVED_KEY = "celery_unique_received"
 #: often forwarded from another task's request.
 OWN_HEADERS = (
     LOCK_HEADER, UNTIL_HEADER, NONCE_HEADER, REPLACES_HEADER, NESTING_HEADER, HELD_HEADER, RECEIVED_KEY,
-    UNLOCKED_HEADER, TICKET_HEADER,
+    UNLOCKED_HEADER, TICKET_HEADER, REPLACEABLE_HEADER,
 )
 
 

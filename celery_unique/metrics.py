@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["refused", "released", "store_error", "taken", "taken_over", "unlocked"]
+__all__ = ["refused", "released", "replaced", "store_error", "taken", "taken_over", "unlocked"]
 
 Count = Callable[[str], None]
 
@@ -20,11 +20,11 @@ def _nothing(task_name: str) -> None:
     pass
 
 
-def _counters() -> tuple[Count, Count, Count, Count, Count, Count]:
+def _counters() -> tuple[Count, Count, Count, Count, Count, Count, Count]:
     try:
         from prometheus_client import Counter
     except ImportError:
-        return (_nothing,) * 6
+        return (_nothing,) * 7
 
     def counter(name: str, documentation: str) -> Count:
         made = Counter(f"celery_unique_{name}", documentation, ["task"])
@@ -37,7 +37,8 @@ def _counters() -> tuple[Count, Count, Count, Count, Count, Count]:
         counter("taken_over", "Locks of finished holders taken over or reaped"),
         counter("store_errors", "Lock-store calls that failed"),
         counter("unlocked", "Unique calls published without a lock after a lock-store error"),
+        counter("replaced", "Queued holders replaced by a later call (on_duplicate='replace')"),
     )
 
 
-taken, refused, released, taken_over, store_error, unlocked = _counters()
+taken, refused, released, taken_over, store_error, unlocked, replaced = _counters()

@@ -3,8 +3,9 @@
 Each option can be given per call (``apply_async(..., opt=...)`` or
 ``.set(opt=...)`` on a signature), as a task attribute
 (``@app.task(base=UniqueTask, opt=...)``) or, for ``unique_until``,
-``on_duplicate`` and ``unique_on_store_error``, as an app setting. Per call wins over the task attribute,
-which wins over the app setting, which wins over the built-in default.
+``on_duplicate``, ``unique_on_store_error`` and ``unique_max_wait``, as an
+app setting. Per call wins over the task attribute, which wins over the app
+setting, which wins over the built-in default.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = [
 ]
 
 Until = Literal["success", "finish", "start", "expiry"]
-OnDuplicate = Literal["raise", "existing"]
+OnDuplicate = Literal["raise", "existing", "replace"]
 OnStoreError = Literal["raise", "enqueue"]
 #: Names of the parameters that make up the key (a lone string is one name):
 #: the types check_unique_on takes, no other sequence or set.
@@ -29,15 +30,17 @@ UniqueOn = str | list[str] | tuple[str, ...] | set[str] | frozenset[str]
 #: When a lock is released: on success (Asynq), on success or final failure,
 #: as the task starts running, or never before its TTL (a throttle).
 UNTIL: tuple[Until, ...] = ("success", "finish", "start", "expiry")
-#: What a duplicate enqueue does: raise DuplicateTaskError, or return the
-#: holder's AsyncResult.
-ON_DUPLICATE: tuple[OnDuplicate, ...] = ("raise", "existing")
+#: What a duplicate enqueue does: raise DuplicateTaskError, return the
+#: holder's AsyncResult, or replace a holder that has not begun (a debounce).
+ON_DUPLICATE: tuple[OnDuplicate, ...] = ("raise", "existing", "replace")
 #: What a call does when the lock store fails: raise LockStoreError, or
 #: publish the task without a lock (fail-open).
 ON_STORE_ERROR: tuple[OnStoreError, ...] = ("raise", "enqueue")
 
 #: Options a caller may pass to apply_async; they never reach kombu.
-OPTION_NAMES = ("unique", "unique_on", "unique_until", "on_duplicate", "unique_on_store_error")
+OPTION_NAMES = (
+    "unique", "unique_on", "unique_until", "on_duplicate", "unique_on_store_error", "unique_max_wait",
+)
 
 #: The default of an option left out, where ``None`` says something (``unique_on=None``: all arguments).
 UNSET: Any = object()
@@ -51,6 +54,9 @@ class UniqueOptions(NamedTuple):
     until: Until
     on_duplicate: OnDuplicate
     on_store_error: OnStoreError = "raise"
+    #: Under ``on_duplicate="replace"``: how long, in ms, the first replaced
+    #: call may be postponed in all (``unique_max_wait``); None for no cap.
+    max_wait_ms: int | None = None
 
 
 def check_choice(task_name: str, option: str, value: Any, choices: Sequence[str]) -> Any:

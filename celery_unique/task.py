@@ -67,6 +67,8 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
     on_duplicate: OnDuplicate | None = None
     #: What a lock-store error does: "raise" (LockStoreError) or "enqueue" (publish unlocked).
     unique_on_store_error: OnStoreError | None = None
+    #: Under on_duplicate="replace": at most how long (seconds or timedelta) a debounce postpones.
+    unique_max_wait: float | timedelta | None = None
 
     #: The worker's request class: it ends the run of a task whose pool
     #: process died. Derive a request class of your own from it.
@@ -93,6 +95,7 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
             unique_until: Until | None = ...,
             on_duplicate: OnDuplicate | None = ...,
             unique_on_store_error: OnStoreError | None = ...,
+            unique_max_wait: float | timedelta | None = ...,
             **options: Any,
         ) -> UniqueSignature: ...
 

@@ -11,13 +11,34 @@ from celery.utils.time import maybe_make_aware
 
 from .errors import UniqueTypeError, UniqueValueError
 
-__all__ = ["MAX_TTL_SECONDS", "MIN_TTL_SECONDS", "delay_ms", "ttl_ms"]
+__all__ = ["MAX_TTL_SECONDS", "MIN_TTL_SECONDS", "delay_ms", "max_wait_ms", "ttl_ms"]
 
 #: Asynq refuses shorter locks ("Unique TTL cannot be less than 1s").
 MIN_TTL_SECONDS = 1.0
 #: About 68 years: longer is certainly a unit mistake, and Redis refuses
 #: expiry times that overflow its clock.
 MAX_TTL_SECONDS = float(2**31)
+
+
+def max_wait_ms(task_name: str, value: Any) -> int | None:
+    """Return ``unique_max_wait`` (seconds or a timedelta, at least 0) in whole ms; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise UniqueTypeError(
+            f"{task_name}: unique_max_wait must be a number of seconds or a datetime.timedelta, "
+            f"not {type(value).__name__} {value!r}"
+        )
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_TTL_SECONDS:
+        raise UniqueValueError(
+            f"{task_name}: unique_max_wait must be at least 0 and at most {MAX_TTL_SECONDS:g} seconds, "
+            f"not {value!r}"
+        )
+    return math.ceil(seconds * 1000)
 
 
 def ttl_ms(task_name: str, value: Any) -> int:

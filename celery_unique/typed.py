@@ -48,6 +48,7 @@ if TYPE_CHECKING:
             unique_until: Until | None = ...,
             on_duplicate: OnDuplicate | None = ...,
             unique_on_store_error: OnStoreError | None = ...,
+            unique_max_wait: float | timedelta | None = ...,
             **options: Any,
         ) -> UniqueSignature: ...
 
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
             unique_until: Until | None = ...,
             on_duplicate: OnDuplicate | None = ...,
             unique_on_store_error: OnStoreError | None = ...,
+            unique_max_wait: float | timedelta | None = ...,
             **options: Any,
         ) -> AsyncResult[Any]: ...
 
@@ -84,6 +86,7 @@ if TYPE_CHECKING:
         unique_until: Until | None = ...,
         on_duplicate: OnDuplicate | None = ...,
         unique_on_store_error: OnStoreError | None = ...,
+        unique_max_wait: float | timedelta | None = ...,
         **options: Any,
     ) -> AsyncResult[Any]: ...
 
