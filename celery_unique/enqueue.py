@@ -214,10 +214,19 @@ def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | Asyn
     return decide(call, store, holder, lock_ttl_ms)
 
 
+#: Options of a call that is a step of a canvas: dropping it would drop the rest.
+_CANVAS_OPTIONS = ("chain", "chord", "group_id")
+
+
 def _replaces(call: Call) -> bool:
-    # A debounce replaces a queued holder; run here or eagerly, a call
-    # refuses as "raise" would (the holder it finds has run already).
-    if call.unique.on_duplicate != "replace" or _running_here.get():
+    # A debounce replaces a queued holder. Run here or eagerly, a call
+    # refuses as "raise" would (the holder it finds has run already); so
+    # does a canvas step or a call with callbacks, whose replacement would
+    # leave the rest of its canvas waiting for ever: it is never replaceable.
+    if call.unique.on_duplicate != "replace" or _running_here.get() or call.link or call.link_error:
+        return False
+    options = call.options
+    if any(options.get(name) for name in _CANVAS_OPTIONS):
         return False
     return not call.task._get_app().conf.task_always_eager
 

@@ -185,3 +185,17 @@ def test_a_bad_max_wait_names_the_task_and_the_value(
     assert repr(value) in str(info.value)
     assert locks.dbsize() == 0
     assert broker.llen("celery") == 0
+
+
+def test_a_call_with_callbacks_neither_replaces_nor_is_replaced(
+    debounced: SimpleNamespace, tasks: SimpleNamespace, locks: redis.Redis
+) -> None:
+    """A call with a link is never replaced, nor replaces: dropping it would leave its canvas waiting."""
+    linked = debounced.sync.apply_async((4, "a"), countdown=30, link=tasks.send_report.s())
+    with pytest.raises(DuplicateTaskError) as info:
+        debounced.sync.apply_async((4, "b"), countdown=30)
+    assert info.value.task_id == linked.id
+    plain = debounced.sync.apply_async((6, "a"), countdown=30)
+    with pytest.raises(DuplicateTaskError):
+        debounced.sync.apply_async((6, "b"), countdown=30, link=tasks.send_report.s())
+    assert locks.get(debounced.sync.lock_key((6, "a"), {}, {})) == plain.id.encode()
