@@ -651,7 +651,7 @@ return false
         keys = [key, marker_key(key, task_id), former_marker_key(key, task_id)]
         args: list[str | int] = [task_id, ttl_ms, nonce, ""]
         for _ in range(2):
-            reply: list[Any] = list(self._call(self._replace, keys, args))
+            reply: list[Any] = list(self._replace_call(keys, args))
             holder = _text(reply[0])
             if not holder:
                 return Replaced(None, int(reply[1]), _text(reply[2]) or None, int(reply[3]))
@@ -660,6 +660,15 @@ return false
             keys = [*keys[:3], marker_key(key, holder)]
             args[3] = holder
         return Replaced(holder, 0, None, 0)
+
+    def _replace_call(self, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        # On one server, the hot path's own connections, as acquire() uses them.
+        if self._own is None:
+            return self._call(self._replace, keys, args)
+        try:
+            return self._own_call(self._replace, keys, args)
+        except AcquireError as failure:
+            raise failure.error from None
 
     def acquire_many(self, claims: Sequence[tuple[str, str, int, str | None]]) -> list[str | None]:
         """Take each ``(key, task_id, ttl_ms, nonce)`` lock as :meth:`acquire` would, in one step.
