@@ -278,9 +278,11 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.new_copy(task_id, nonce, marked=True)
 
     def begun(self, call: Incarnation) -> bool:
-        """Whether a copy of ``call`` has begun, or a retry of it is out."""
+        """Whether a copy of ``call`` ever began (held a marker, ran, ended), or a retry of it is out."""
         mine = [c for c in self.copies if (c.task_id, c.nonce) == (call.task_id, call.nonce)]
-        return call.latest != (0, 0) or any(c.state not in ("queued", "dropped", "purged") for c in mine)
+        return bool(call.latest != (0, 0) or call.ended_attempts or any(
+            c.marker or c.stray or c.state not in ("queued", "dropped", "purged") for c in mine
+        ))
 
     def finished_holder(self) -> Incarnation | None:
         """The current incarnation holding the lock, if the result backend says it finished."""
