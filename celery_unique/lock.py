@@ -339,7 +339,8 @@ return out
     #        retried or was not sent to be replaced (its runs may be
     #        unmarked, and nothing would show it began). A replaced holder's
     #        marker says "revoked": every copy of it is dropped as it
-    #        begins. A resend finds its own first attempt by its nonce.
+    #        begins. A resend finds its own first attempt by its nonce,
+    #        and the holder that attempt replaced in its marker.
     REPLACE_SCRIPT = _PRELUDE + """
 local now = now_ms()
 local ttl = tonumber(ARGV[2])
@@ -347,7 +348,7 @@ local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
     local m = parse(redis.call('GET', KEYS[2]))
     if m and m.s == 'q' and m.nonce == ARGV[3] and string.sub(m.owner, 1, 1) == 's' then
-        return {'', tonumber(string.sub(m.owner, 2)) or now, '', now}
+        return {'', tonumber(string.sub(m.owner, 2)) or now, m.proof, now}
     end
     return {holder}
 end
@@ -365,7 +366,8 @@ if holder then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 set_aside(KEYS[2], KEYS[3], ARGV[3], now)
-redis.call('SET', KEYS[2], state('q', 0, 0, ARGV[3], now + ttl) .. '|s' .. since, 'PX', ttl)
+local mine = state('q', 0, 0, ARGV[3], now + ttl) .. '|s' .. since .. '|' .. replaced
+redis.call('SET', KEYS[2], mine, 'PX', ttl)
 return {'', since, replaced, now}
 """
 

@@ -142,7 +142,7 @@ def test_without_max_wait_each_call_postpones_the_run(
 
 
 def test_a_replace_whose_reply_was_lost_is_resent_and_holds_the_lock(redis_server: RedisServer) -> None:
-    """The replacing script's reply is dropped: the resend finds its own lock, and the call is published."""
+    """The replacing try's reply is lost: the resend finds its own lock, and the holder is REVOKED."""
     with ReplyDropper(redis_server.port) as dropper:
         app = Celery("debounce-lost-reply", set_as_current=False)
         app.conf.update(
@@ -160,11 +160,14 @@ def test_a_replace_whose_reply_was_lost_is_resent_and_holds_the_lock(redis_serve
 
         load_scripts(redis_server.client(LOCK_DB))
         first = lost.apply_async((1,), countdown=30)
-        dropper.arm(b"EVALSHA", sha(LockStore.REPLACE_SCRIPT))
+        # The second try, with the holder's marker (4 keys): the one that replaces.
+        dropper.arm(b"EVALSHA", sha(LockStore.REPLACE_SCRIPT), b"4")
         second: Any = lost.apply_async((1,), countdown=30)
         assert dropper.dropped.is_set(), "no reply was dropped: the test did not lose the script's reply"
         assert redis_server.client(LOCK_DB).get(lost.lock_key((1,), {}, {})) == second.id.encode()
         assert second.id != first.id
+        # The resend still learns whom the first attempt replaced, and says so.
+        assert app.backend.get_task_meta(first.id, cache=False)["status"] == states.REVOKED
         assert redis_server.client(BROKER_DB).llen("celery") == 2
         app.close()
 
