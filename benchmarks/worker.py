@@ -88,6 +88,7 @@ import redis
 
 from benchmarks.enqueue import latency, machine
 from benchmarks.worker_app import SINGLETON_PREFIX, TTL, VARIANTS, build, queue_of
+from celery_unique.lock import LockStore
 from celery_unique.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -436,6 +437,13 @@ class Count:
         return sum(n for (_, from_lua), n in self.commands[phase].items() if from_lua == lua)
 
 
+def load_scripts(client: redis.Redis) -> None:
+    """Load every lock-store script on the server, as a worker that ran before would have."""
+    for name in dir(LockStore):
+        if name.endswith("_SCRIPT"):
+            client.script_load(getattr(LockStore, name))
+
+
 def count_commands(bench: Bench, direct_url: str, variants: list[str], pool: str) -> dict[str, Count]:
     """Per task commands of each variant's enqueue and run: two batch sizes, the difference.
 
@@ -446,8 +454,12 @@ def count_commands(bench: Bench, direct_url: str, variants: list[str], pool: str
     results = {}
     for variant in variants:
         # The producer's first calls connect, declare and load scripts: made
-        # here, so that both counted batches find it warm.
+        # here, so that both counted batches find it warm. The worker's
+        # scripts are loaded too: otherwise the first batch's first end
+        # alone pays a NOSCRIPT and a SCRIPT LOAD, and the difference
+        # between the batches is off by that.
         bench.flush()
+        load_scripts(bench.client)
         bench.enqueue(variant, 3, queue_for(variant, pool))
         per_size = {}
         keys: list[str] = []

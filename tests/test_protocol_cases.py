@@ -49,7 +49,9 @@ def test_held_back_copy_that_comes_back_late_is_dropped(
     work = app.tasks["life.work"]
     log = tmp_path / "worker.log"
     with life.worker(log, concurrency=2):
-        work.apply_async(("late",), {"seconds": 3}, unique=60)
+        # Its message is restored while it runs (visibility_timeout 2 s,
+        # checked every second), with a second to spare on a loaded machine.
+        work.apply_async(("late",), {"seconds": 4}, unique=60)
         wait_until(lambda: "already running elsewhere" in log.read_text(), timeout=15, what="a held copy")
         # Both processes busy for long after "late" ends: its held copy comes
         # back well after three of its marker's TTLs.
