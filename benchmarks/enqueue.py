@@ -213,21 +213,28 @@ def make_app(url: str) -> Celery:
     return app
 
 
+def duplicate_variant(name: str, task: Any) -> Variant:
+    """A refused duplicate of ``task``: a held call, then the same call each time."""
+
+    def hold() -> None:
+        task.apply_async((-1, "held", "pdf"), unique=TTL)
+
+    def duplicate(_: int) -> None:
+        try:
+            task.apply_async((-1, "held", "pdf"), unique=TTL)
+        except DuplicateTaskError:
+            pass
+        else:
+            raise AssertionError(f"the held lock did not refuse the duplicate ({name})")
+
+    return Variant(name, duplicate, prepare=hold)
+
+
 def core_variants(app: Celery) -> list[Variant]:
     """Plain Celery, a unique enqueue that takes its lock, and one refused as a duplicate."""
     plain = app.task(name="benchmarks.plain_report")(report)
     unique = app.task(name="benchmarks.unique_report", base=UniqueTask)(report)
 
-    def hold() -> None:
-        unique.apply_async((-1, "held", "pdf"), unique=TTL)
-
-    def duplicate(_: int) -> None:
-        try:
-            unique.apply_async((-1, "held", "pdf"), unique=TTL)
-        except DuplicateTaskError:
-            pass
-        else:
-            raise AssertionError("the held lock did not refuse the duplicate")
 
     def hold_replaceable() -> None:
         unique.apply_async((-2, "held", "pdf"), unique=TTL, on_duplicate="replace", countdown=60)
@@ -239,7 +246,7 @@ def core_variants(app: Celery) -> list[Variant]:
     return [
         Variant("plain", lambda i: plain.apply_async((i, "daily", "pdf"))),
         Variant("unique", lambda i: unique.apply_async((i, "daily", "pdf"), unique=TTL)),
-        Variant("duplicate", duplicate, prepare=hold),
+        duplicate_variant("duplicate", unique),
         # on_duplicate="replace": a first call (the lock free; its own arguments,
         # since the warm-up runs every variant before the first flush), and one
         # that replaces a holder.
@@ -288,20 +295,10 @@ def transport_variants(url: str) -> list[Variant]:
     plain = app.task(name="benchmarks.transport_plain_report")(report)
     unique = app.task(name="benchmarks.transport_report", base=UniqueTask)(report)
 
-    def hold() -> None:
-        unique.apply_async((-1, "held", "pdf"), unique=TTL)
-
-    def duplicate(_: int) -> None:
-        try:
-            unique.apply_async((-1, "held", "pdf"), unique=TTL)
-        except DuplicateTaskError:
-            pass
-        else:
-            raise AssertionError("the held lock did not refuse the duplicate through the transport")
 
     return [
         Variant("unique+transport", lambda i: unique.apply_async((i, "daily", "pdf"), unique=TTL)),
-        Variant("duplicate+transport", duplicate, prepare=hold),
+        duplicate_variant("duplicate+transport", unique),
         Variant("plain+transport", lambda i: plain.apply_async((i, "daily", "pdf"))),
     ]
 
@@ -316,18 +313,7 @@ def checked_duplicate_variant(url: str) -> Variant:
     app.conf.update(result_backend=url, unique_check_holder=True)
     task = app.task(name="benchmarks.checked_report", base=UniqueTask)(report)
 
-    def hold() -> None:
-        task.apply_async((-1, "held", "pdf"), unique=TTL)
-
-    def duplicate(_: int) -> None:
-        try:
-            task.apply_async((-1, "held", "pdf"), unique=TTL)
-        except DuplicateTaskError:
-            pass
-        else:
-            raise AssertionError("the held lock did not refuse the checked duplicate")
-
-    return Variant("duplicate+check", duplicate, prepare=hold)
+    return duplicate_variant("duplicate+check", task)
 
 
 def once_variant(app: Celery) -> Variant:

@@ -103,7 +103,7 @@ def free_port() -> int:
 
 
 class Service:
-    """A server or proxy a test starts: ``with`` starts it, and closes it at the end."""
+    """A server or proxy a test starts: ``with`` starts it, and closes it at the end or on a failed start."""
 
     def start(self: S) -> S:
         raise NotImplementedError
@@ -112,7 +112,12 @@ class Service:
         raise NotImplementedError
 
     def __enter__(self: S) -> S:
-        return self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # what started before the failure stops too
+            raise
+        return self
 
     def __exit__(
         self,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import socket
 import threading
 from contextlib import suppress
+from typing import Any
 
 from celery_unique.testing import Service
 
@@ -153,3 +154,23 @@ def _command(buffer: bytes) -> tuple[list[bytes], int] | None:
         parts.append(buffer[start:stop])
         at = stop + 2
     return parts, at
+
+
+def app_behind(dropper: ReplyDropper, redis_url: Any, name: str) -> Any:
+    """A Celery app on the suite's Redis whose lock store is reached through ``dropper``.
+
+    ``redis_url(db)`` gives the suite's Redis URL of a database (``RedisServer.url``).
+    """
+    from celery import Celery
+
+    from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB
+
+    app = Celery(name, set_as_current=False)
+    app.conf.update(
+        broker_url=redis_url(BROKER_DB),
+        result_backend=redis_url(RESULT_DB),
+        unique_redis_url=f"redis://{HOST}:{dropper.port}/{LOCK_DB}",
+        broker_connection_retry_on_startup=False,
+        task_default_queue="celery",
+    )
+    return app

@@ -13,8 +13,8 @@ from celery.signals import before_task_publish
 from celery_unique import DuplicateTaskError, LockStoreError, UniqueTask, UniqueTypeError, apply_many
 from celery_unique.lock import LockStore
 from celery_unique.testing import RedisServer
-from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB, wait_until
-from tests.reply_dropper import ReplyDropper
+from tests.conftest import BROKER_DB, LOCK_DB, wait_until
+from tests.reply_dropper import ReplyDropper, app_behind
 from tests.test_protocol_faults import load_scripts, sha
 
 
@@ -130,14 +130,7 @@ def test_a_batch_whose_reply_was_lost_is_resent_and_refuses_none_of_its_calls(
 ) -> None:
     """The script's reply is dropped; the resend answers "taken" for every call, each published once."""
     with ReplyDropper(redis_server.port) as dropper:
-        app = Celery("bulk-lost-reply", set_as_current=False)
-        app.conf.update(
-            broker_url=redis_server.url(BROKER_DB),
-            result_backend=redis_server.url(RESULT_DB),
-            unique_redis_url=f"redis://127.0.0.1:{dropper.port}/{LOCK_DB}",
-            broker_connection_retry_on_startup=False,
-            task_default_queue="celery",
-        )
+        app = app_behind(dropper, redis_server.url, "bulk-lost-reply")
 
         @app.task(base=UniqueTask, name="tests.bulk.report", shared=False)
         def report(user_id: int) -> int:

@@ -18,8 +18,8 @@ from celery_unique import DuplicateTaskError, UniqueTask, UniqueTypeError, Uniqu
 from celery_unique.keys import marker_key
 from celery_unique.lock import LockStore
 from celery_unique.testing import RedisServer
-from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB, wait_until
-from tests.reply_dropper import ReplyDropper
+from tests.conftest import BROKER_DB, LOCK_DB, wait_until
+from tests.reply_dropper import ReplyDropper, app_behind
 from tests.test_protocol_faults import load_scripts, sha
 
 SCRATCH_DB = 5
@@ -144,14 +144,7 @@ def test_without_max_wait_each_call_postpones_the_run(
 def test_a_replace_whose_reply_was_lost_is_resent_and_holds_the_lock(redis_server: RedisServer) -> None:
     """The replacing try's reply is lost: the resend finds its own lock, and the holder is REVOKED."""
     with ReplyDropper(redis_server.port) as dropper:
-        app = Celery("debounce-lost-reply", set_as_current=False)
-        app.conf.update(
-            broker_url=redis_server.url(BROKER_DB),
-            result_backend=redis_server.url(RESULT_DB),
-            unique_redis_url=f"redis://127.0.0.1:{dropper.port}/{LOCK_DB}",
-            broker_connection_retry_on_startup=False,
-            task_default_queue="celery",
-        )
+        app = app_behind(dropper, redis_server.url, "debounce-lost-reply")
 
         @app.task(base=UniqueTask, name="tests.debounce.lost", shared=False, unique=60,
                   on_duplicate="replace")

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import redis
-from celery import Celery, states
+from celery import states
 from redis.crc import key_slot
 
 from celery_unique import DuplicateTaskError, UniqueTask
@@ -33,7 +33,7 @@ from celery_unique.testing import RedisServer
 from tests.cluster_support import SLOTS, LocalCluster
 from tests.conftest import BROKER_DB, LOCK_DB, RESULT_DB, wait_until
 from tests.lifecycle_support import REDELIVER, SCRATCH_DB, Lifecycle, events, lock_of, stored, wait_event
-from tests.reply_dropper import ReplyDropper
+from tests.reply_dropper import ReplyDropper, app_behind
 
 ROOT = Path(__file__).resolve().parent.parent
 #: unique_running_ttl of the marked runs below (REDELIVER's): renewed every third of it.
@@ -184,14 +184,7 @@ def test_take_over_whose_reply_was_lost_holds_the_lock_and_publishes_once(
 ) -> None:
     """A take-over of a finished holder whose reply was lost is resent, holds the lock and publishes once."""
     with ReplyDropper(redis_server.port) as dropper:
-        app = Celery("take-over", set_as_current=False)
-        app.conf.update(
-            broker_url=redis_server.url(BROKER_DB),
-            result_backend=redis_server.url(RESULT_DB),
-            unique_redis_url=f"redis://127.0.0.1:{dropper.port}/{LOCK_DB}",
-            broker_connection_retry_on_startup=False,
-            task_default_queue="celery",
-        )
+        app = app_behind(dropper, redis_server.url, "take-over")
 
         @app.task(base=UniqueTask, name="tests.take_over.report", shared=False)
         def report(user_id: int) -> int:

@@ -24,12 +24,11 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import redis
 
-from celery_unique.testing import find_redis_server, free_port, wait_for
+from celery_unique.testing import Service, find_redis_server, free_port, wait_for
 
 HOST = "127.0.0.1"
 
@@ -55,7 +54,7 @@ class Node:
             return "(no log)"
 
 
-class SentinelTopology:
+class SentinelTopology(Service):
     """One primary, one replica (``--replicaof``) and ``sentinels`` Sentinels watching them.
 
     Use it as a context manager: on entry every process is started and the
@@ -109,23 +108,7 @@ class SentinelTopology:
 
     # --- starting and stopping ---------------------------------------------------------------
 
-    def __enter__(self) -> SentinelTopology:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def start(self) -> None:
+    def start(self) -> SentinelTopology:
         """Start the primary, the replica and the Sentinels, and wait until all is in place."""
         self._primary = self._start_data_node("primary")
         self.monitored_port = self.front(self.primary.port) if self.front else self.primary.port
@@ -143,6 +126,7 @@ class SentinelTopology:
                 partial(self._sentinel_ready, sentinel),
                 sentinel,
             )
+        return self
 
     def close(self) -> None:
         """Kill every process started here, check that none is left, and remove the files."""
