@@ -56,8 +56,10 @@ class Call:
     key: str = field(init=False)
     #: Whether the caller chose the task id (set by ``lock()``).
     chosen: bool = field(init=False)
-    #: The incarnation of a caller-chosen id, else None (set by ``lock()``).
+    #: The incarnation of a caller-chosen or replaceable call, else None (set by ``lock()``).
     nonce: str | None = field(init=False)
+    #: Whether a later call may replace this one (``on_duplicate="replace"``; set by ``lock()``).
+    replaceable: bool = field(init=False)
 
     @property
     def lock_id(self) -> str:

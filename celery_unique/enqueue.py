@@ -171,7 +171,7 @@ def prepare(call: Call, ttl: Any, requested: Mapping[str, Any]) -> int:
     chosen_id = call.task_id
     call.task_id = chosen_id or new_task_id()
     call.chosen = chosen_id is not None
-    replaceable = _replaces(call)
+    replaceable = call.replaceable = _replaces(call)
     nonce = call.nonce = secrets.token_urlsafe(6) if chosen_id or replaceable else None
     headers = dict(options.get("headers") or ())
     headers[LOCK_HEADER] = key
@@ -192,7 +192,7 @@ def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | Asyn
     (``unique_on_store_error="enqueue"``): it goes out without a lock.
     """
     lock_ttl_ms = prepare(call, ttl, requested)
-    if _replaces(call):
+    if call.replaceable:
         return _replace(call, lock_ttl_ms)
     task = call.task
     app = task._get_app()
