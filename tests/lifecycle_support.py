@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,12 +88,18 @@ class Lifecycle:
         extra: tuple[str, ...] = (),
         app: str = "tests.lifecycle_app",
     ) -> Iterator[subprocess.Popen[bytes]]:
-        """Run a prefork worker on the lifecycle queue until the block ends; wait until it is ready."""
+        """Run a prefork worker on the lifecycle queue until the block ends; wait until it answers a ping.
+
+        "ready." is logged before the worker's broadcast consumer has surely
+        subscribed, and a revoke broadcast before that is lost: the ping
+        proves the subscription.
+        """
+        name = f"life-{os.getpid()}-{time.monotonic_ns()}@{socket.gethostname()}"
         args = [
             sys.executable, "-m", "celery", "-A", app, "worker",
             "--pool=prefork", f"--concurrency={concurrency}", "-Q", QUEUE, "--loglevel=INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", f"life-{os.getpid()}-{time.monotonic_ns()}@%h", *extra,
+            "-n", name, *extra,
         ]
         with log.open("wb") as out:
             process = subprocess.Popen(
@@ -106,6 +113,11 @@ class Lifecycle:
             )
             if process.poll() is not None:
                 raise RuntimeError(f"worker exited early:\n{log.read_text(errors='replace')[-3000:]}")
+            control = self.app().control
+            wait_until(
+                lambda: process.poll() is not None or control.ping(destination=[name], timeout=0.5),
+                timeout=30, what="worker answers a ping",
+            )
             yield process
         finally:
             with suppress(ProcessLookupError):
