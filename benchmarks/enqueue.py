@@ -112,28 +112,29 @@ def report(user_id: int, period: str = "daily", fmt: str = "pdf") -> str:
 
 
 @contextmanager
-def redis_url(pin: bool, latency_us: float | None = None) -> Iterator[str]:
+def redis_url(pin: bool, latency_us: float | None = None, pings: int = 2000) -> Iterator[str]:
     """Yield ``$REDIS_URL``, or the URL of a redis-server started for this run.
 
     With ``latency_us``, the URL is that of a latency proxy in front of it
-    (see :mod:`benchmarks.latency_proxy`), and its own cost is printed.
+    (see :mod:`benchmarks.latency_proxy`), and its own cost, measured over
+    ``pings`` PINGs, is printed.
     """
     url = os.environ.get("REDIS_URL")
     if url:
         if pin:
             pin_to_one_cpu(os.getpid())
-        with latency(url, latency_us) as proxied:
+        with latency(url, latency_us, pings) as proxied:
             yield proxied
         return
     with RedisServer() as server:
         if pin and server.process is not None:
             pin_to_one_cpu(os.getpid(), server.process.pid)
-        with latency(server.url(0), latency_us) as proxied:
+        with latency(server.url(0), latency_us, pings) as proxied:
             yield proxied
 
 
 @contextmanager
-def latency(url: str, latency_us: float | None) -> Iterator[str]:
+def latency(url: str, latency_us: float | None, pings: int) -> Iterator[str]:
     """Yield ``url`` itself, or the URL of a latency proxy in front of it, started here."""
     if latency_us is None:
         yield url
@@ -153,7 +154,7 @@ def latency(url: str, latency_us: float | None) -> Iterator[str]:
         client = redis.Redis(host=parts.hostname, port=port)
         try:
             client.ping()
-            return per_call_us(client.ping, 2000)
+            return per_call_us(client.ping, pings)
         finally:
             client.close()
 
@@ -492,7 +493,7 @@ def print_results(variants: list[Variant], settings: Settings, targets: dict[str
     print(f"\nenqueue, {settings.rounds} rounds x {settings.calls} calls per variant, interleaved")
     print(f"{'variant':<18}{'median us':>11}{'p90 us':>10}{'calls/s':>10}{'vs plain':>10}")
     for v in variants:
-        p90 = statistics.quantiles(v.samples, n=10)[-1]
+        p90 = statistics.quantiles(v.samples, n=10)[-1] if len(v.samples) > 1 else v.samples[0]
         print(f"{v.name:<18}{v.median_us:>11.1f}{p90:>10.1f}{1e6 / v.median_us:>10.0f}"
               f"{plain / v.median_us:>10.2f}")
     print()
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         key_calls=settings.key_calls,
     )
 
-    with redis_url(ns.pin, ns.latency_us) as url:
+    with redis_url(ns.pin, ns.latency_us, max(settings.key_calls // 10, 50)) as url:
         client = redis.Redis.from_url(url)
         app = make_app(url)
         try:

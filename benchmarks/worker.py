@@ -180,7 +180,7 @@ def redis_urls(latency_us: float | None) -> Iterator[tuple[str, str]]:
     with contextlib.ExitStack() as stack:
         if not url:
             url = stack.enter_context(RedisServer()).url(0)
-        yield url, stack.enter_context(latency(url, latency_us))
+        yield url, stack.enter_context(latency(url, latency_us, 2000))
 
 
 class Worker:

@@ -97,7 +97,8 @@ def test_latency_mode_reports_the_proxy_and_the_checked_duplicate(redis_server: 
     client.flushdb()
     env = {**os.environ, "REDIS_URL": redis_server.url(BENCH_DB)}
     process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.enqueue", "--quick", "--latency-us", "100"],
+        [sys.executable, "-m", "benchmarks.enqueue", "--quick", "--rounds", "1", "--calls", "5",
+         "--latency-us", "100"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert process.returncode == 0, process.stderr
