@@ -46,7 +46,7 @@ import redis
 from celery import Celery, group
 from kombu.utils.uuid import uuid
 
-from celery_unique import DuplicateTaskError, UniqueTask, apply_many, enqueue
+from celery_unique import DuplicateTaskError, UniqueTask, apply_many, enqueue, fan_out
 from celery_unique.config import lock_store
 from celery_unique.testing import RedisServer
 
@@ -262,7 +262,7 @@ BATCH = 100
 
 
 def batch_variants(app: Celery) -> list[Variant]:
-    """100 calls at a time: apply_many of unique calls, a plain group, a group of unique members."""
+    """100 calls at a time: apply_many, a plain group, a group of unique members, and one in fan_out()."""
     plain = app.tasks["benchmarks.plain_report"]
     unique = app.tasks["benchmarks.unique_report"]
 
@@ -278,10 +278,16 @@ def batch_variants(app: Celery) -> list[Variant]:
         # Its own arguments: the warm-up runs every variant before the first flush.
         group(unique.s(i * BATCH + j, "weekly", "pdf").set(unique=TTL) for j in range(BATCH)).apply_async()
 
+    def fanned_group(i: int) -> None:
+        with fan_out():  # the same group, its locks in one round trip
+            group(unique.s(i * BATCH + j, "monthly", "pdf").set(unique=TTL)
+                  for j in range(BATCH)).apply_async()
+
     return [
         Variant(f"apply_many x{BATCH}", many, per_call=BATCH),
         Variant(f"group x{BATCH}", plain_group, per_call=BATCH),
         Variant(f"unique group x{BATCH}", unique_group, per_call=BATCH),
+        Variant(f"fan_out group x{BATCH}", fanned_group, per_call=BATCH),
     ]
 
 

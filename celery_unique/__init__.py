@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .admin import LockInfo, LockStatus, UniqueLocks
-from .bulk import apply_many
+from .bulk import apply_many, fan_out
 from .decorator import unique_task
 from .errors import (
     ConfigurationError,
@@ -42,6 +42,7 @@ __all__ = [
     "UniqueValueError",
     "__version__",
     "apply_many",
+    "fan_out",
     "lock_released",
     "lock_taken_over",
     "send_unique",

@@ -26,12 +26,17 @@ An interruption (``KeyboardInterrupt``, a time limit) propagates, after the
 locks of the calls not published yet are given back.
 A signature whose options are wrong (a misspelt or bad unique option)
 raises before anything is locked or published.
+
+``fan_out()`` does the same for the canvases sent inside a block: the
+unique calls they make with their ids chosen (group and chord-header
+members, a chain's first step) are deferred (:mod:`celery_unique.fanout`)
+and go through ``apply_many`` at the block's end.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from celery.canvas import Signature
@@ -41,13 +46,14 @@ from . import enqueue
 from .call import Call
 from .cleanup import clean_up_later, release_quietly
 from .errors import LockStoreError, UniqueTaskError
+from .fanout import deferred
 from .headers import drop_own_headers
 from .lock import AcquireError
 from .option_names import check_option_names
 from .switch import unlock_if_disabled
 from .task import UniqueTask
 
-__all__ = ["apply_many"]
+__all__ = ["apply_many", "fan_out"]
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -90,6 +96,35 @@ def apply_many(signatures: Iterable[Signature[Any]]) -> list[Outcome]:
                     release_quietly(enqueue.lock_store(call), call.key, call.lock_id, call.nonce or "")
         raise
     return outcomes
+
+
+@contextlib.contextmanager
+def fan_out() -> Iterator[None]:
+    """Within the block, the unique members of groups, chords and chains take their locks together.
+
+    Each unique call made in the block with its task id already chosen (a
+    group or chord-header member, a chain's first step, a frozen signature)
+    is deferred; at the block's end all of them go through
+    :func:`apply_many`: one script call for their locks, then each is
+    published or refused as ``apply_async`` would. The first error among
+    their outcomes (a ``DuplicateTaskError`` under ``on_duplicate="raise"``,
+    a ``LockStoreError``, a failed publish) is then raised; every refused
+    member's own result already says why. An exception inside the block
+    sends none of the calls it deferred. A block inside another adds its calls
+    to the outer one's.
+    """
+    if deferred.get() is not None:
+        yield
+        return
+    batch: list[Signature[Any]] = []
+    token = deferred.set(batch)
+    try:
+        yield
+    finally:
+        deferred.reset(token)
+    for outcome in apply_many(batch):
+        if isinstance(outcome, Exception):
+            raise outcome
 
 
 def _prepared(sig: Signature[Any]) -> tuple[Call, int] | None:

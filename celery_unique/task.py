@@ -22,6 +22,7 @@ from .config import app_state
 from .continuation import continue_run, continued_run, hand_over
 from .enqueue import from_schedule, lock, lock_here, publish, take_unique_options
 from .execution import RUN_ATTR, Run, eager_calls, hold_back
+from .fanout import defer_call, deferred
 from .headers import LOCK_HEADER, drop_own_headers
 from .option_names import check_option_names
 from .options import UNSET, OnDuplicate, OnStoreError, UniqueOn, Until, check_unique_on
@@ -121,6 +122,10 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
         TTL, and ``unique=None`` turns locking off for this call.
         """
         check_option_names(self.name, options)
+        if deferred.get() is not None and defer_call(
+            self, args, kwargs, task_id, {"link": link, "link_error": link_error, "shadow": shadow}, options
+        ):
+            return self.AsyncResult(task_id)  # a fan_out() block locks and publishes it at its end
         unlock_if_disabled(self, options)
         requested = take_unique_options(options)
         call = Call(self, args, kwargs, options, task_id, link, link_error, producer, shadow,

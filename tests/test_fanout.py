@@ -1,0 +1,141 @@
+"""fan_out(): the unique members of groups and chord headers sent in a block lock in one round trip."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from celery import chain, chord, group, states
+
+from celery_unique import DuplicateTaskError, fan_out
+from tests.conftest import wait_until
+from tests.test_bulk import script_calls
+from tests.test_protocol_faults import load_scripts
+
+
+def key_of(tasks: SimpleNamespace, user_id: int) -> str:
+    """The lock key of ``send_report(user_id)``."""
+    key: str = tasks.send_report.lock_key((user_id,), {}, {})
+    return key
+
+
+def test_a_group_takes_every_lock_in_one_script_call(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """Thirty unique members: one script call inside fan_out(), thirty without it."""
+    load_scripts(locks)
+    before = script_calls(locks)
+    with fan_out():
+        fanned = group(tasks.send_report.s(i).set(unique=60) for i in range(30)).apply_async()
+    assert script_calls(locks) - before == 1
+    assert [locks.get(key_of(tasks, i)) for i in range(30)] == [r.id.encode() for r in fanned.results]
+    assert broker.llen("celery") == 30
+    before = script_calls(locks)
+    group(tasks.send_report.s(i).set(unique=60) for i in range(30, 60)).apply_async()
+    assert script_calls(locks) - before == 30
+
+
+def test_a_chord_header_takes_its_locks_in_one_script_call(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """A chord's unique header members are locked together; the body waits for them as usual."""
+    load_scripts(locks)
+    before = script_calls(locks)
+    with fan_out():
+        body = chord([tasks.send_report.s(i).set(unique=60) for i in range(10)])(tasks.send_report.s())
+    assert script_calls(locks) - before == 1
+    assert all(locks.get(key_of(tasks, i)) is not None for i in range(10))
+    assert broker.llen("celery") == 10  # the header; the body goes when it completes
+    assert body.parent is not None
+    assert [r.id.encode() for r in body.parent.results] == [
+        locks.get(key_of(tasks, i)) for i in range(10)
+    ]
+
+
+def test_a_refused_member_fails_alone_and_the_block_raises_after_sending_the_rest(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """Under "raise" the refused member is FAILURE, every other member is sent, then the error is raised."""
+    held = tasks.send_report.apply_async((3,), unique=60)
+    with pytest.raises(DuplicateTaskError) as raised, fan_out():
+        fanned = group(tasks.send_report.s(i).set(unique=60) for i in range(1, 6)).apply_async()
+    assert raised.value.task_id == held.id
+    refused = fanned.results[2]
+    assert tasks.send_report.backend.get_state(refused.id) == states.FAILURE
+    assert isinstance(refused.result, DuplicateTaskError)
+    assert broker.llen("celery") == 1 + 4
+    assert locks.get(key_of(tasks, 3)) == held.id.encode()
+
+
+def test_a_refused_member_under_existing_is_no_error(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """Under "existing" the block does not raise; the refused member's own result still says why."""
+    tasks.send_report.apply_async((2,), unique=60)
+    with fan_out():
+        fanned = group(
+            tasks.send_report.s(i).set(unique=60, on_duplicate="existing") for i in range(1, 4)
+        ).apply_async()
+    assert tasks.send_report.backend.get_state(fanned.results[1].id) == states.FAILURE
+    assert broker.llen("celery") == 1 + 2
+
+
+def test_an_error_inside_the_block_locks_and_sends_nothing_it_deferred(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """A group sent in a block that then fails leaves no lock and no message."""
+    def send_then_fail() -> None:
+        with fan_out():
+            group(tasks.send_report.s(i).set(unique=60) for i in range(5)).apply_async()
+            raise RuntimeError("changed my mind")
+
+    with pytest.raises(RuntimeError, match="changed my mind"):
+        send_then_fail()
+    assert locks.dbsize() == 0
+    assert broker.llen("celery") == 0
+
+
+def test_a_call_without_a_chosen_id_is_locked_and_sent_at_once(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """A plain apply_async in the block behaves as outside it: its refusal is raised where it is made."""
+    with fan_out():
+        first = tasks.send_report.apply_async((7,), unique=60)
+        assert broker.llen("celery") == 1
+        assert locks.get(key_of(tasks, 7)) == first.id.encode()
+        with pytest.raises(DuplicateTaskError):
+            tasks.send_report.apply_async((7,), unique=60)
+
+
+def test_nested_blocks_and_chains_share_the_outer_blocks_round_trip(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """An inner block and a chain's first step join the outer block: still one script call."""
+    load_scripts(locks)
+    before = script_calls(locks)
+    with fan_out():
+        group(tasks.send_report.s(i).set(unique=60) for i in range(3)).apply_async()
+        with fan_out():
+            chain(tasks.send_report.si(3).set(unique=60), tasks.send_report.si(4)).apply_async()
+        assert broker.llen("celery") == 0
+    assert script_calls(locks) - before == 1
+    assert broker.llen("celery") == 4
+    assert all(locks.get(key_of(tasks, i)) is not None for i in range(4))
+
+
+def test_a_worker_runs_a_chord_whose_refused_member_fails_it_promptly(
+    tasks: SimpleNamespace, locks: redis.Redis, worker: Any
+) -> None:
+    """A real worker: a chord with a refused header member fails at once; a chord without one completes."""
+    held = tasks.send_report.apply_async((2,), unique=120, countdown=60)  # member 2's lock, held a minute
+    with pytest.raises(DuplicateTaskError), fan_out():
+        failing = chord([tasks.send_report.s(i).set(unique=60) for i in range(4)])(tasks.send_report.s())
+    with pytest.raises(Exception, match=f"duplicate refused, task {held.id} holds the lock"):
+        failing.get(timeout=20)
+    with fan_out():
+        done = chord([tasks.send_report.s(i).set(unique=60) for i in range(10, 13)])(tasks.send_report.s())
+    assert done.get(timeout=20) == "report ['report 10 daily', 'report 11 daily', 'report 12 daily'] daily"
+    wait_until(lambda: all(locks.get(key_of(tasks, i)) is None for i in range(10, 13)), what="released")
+    held.revoke()
