@@ -247,10 +247,17 @@ def tasks(celery_app: Celery) -> SimpleNamespace:
 
 @pytest.fixture
 def worker(celery_app: Celery, tasks: SimpleNamespace) -> Iterator[Any]:
-    """A real Celery worker (solo pool, in a thread) consuming the test app's queues."""
+    """A real Celery worker (solo pool, in a thread) consuming the test app's queues.
+
+    It is ready once it answers a ping: a revoke broadcast before its
+    control consumer subscribed would be lost.
+    """
     with start_worker(
         celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=20
     ) as w:
+        control = celery_app.control
+        wait_until(lambda: control.ping(destination=[w.hostname], timeout=0.5), timeout=20,
+                   what="worker answers a ping")
         yield w
 
 
