@@ -7,13 +7,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Celery
+import redis
+from celery import Celery, group
 from celery.contrib.testing.worker import start_worker
 
-from celery_unique import DuplicateTaskError, UniqueLocks, UniqueTask
+from celery_unique import DuplicateTaskError, UniqueLocks, UniqueTask, apply_many, fan_out
 from celery_unique.testing import RedisServer
 from tests.cluster_support import LocalCluster
 from tests.conftest import wait_until
+from tests.test_bulk import script_calls
+from tests.test_protocol_faults import load_scripts
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +116,28 @@ def test_describe_reads_markers_on_the_cluster(cluster_app: Celery, cluster: Loc
     assert {(s.state, s.running) for i, s in statuses.items() if i in queued} == {("PENDING", False)}
     assert statuses[running.id].running is True
     assert all(s.age is not None for s in statuses.values())
+
+
+def test_a_batch_takes_its_locks_in_one_script_call_per_slot(
+    cluster_app: Celery, cluster: LocalCluster
+) -> None:
+    """apply_many and a group in fan_out() on a Cluster: one script call per hash slot, every lock taken."""
+    task: Any = cluster_app.tasks["tests.cluster_report"]
+    nodes = [node.client() for node in cluster.nodes]
+    for node in nodes:
+        load_scripts(node)
+    slot_of = redis.RedisCluster.from_url(cluster.url).keyslot
+    held = task.apply_async((3,), unique=60)
+    before = sum(script_calls(node) for node in nodes)
+    outcomes = apply_many([task.s(i).set(unique=60) for i in range(12)])
+    with fan_out():
+        fanned = group(task.s(i).set(unique=60) for i in range(12, 24)).apply_async()
+    keys = [task.lock_key((i,), {}, {}) for i in range(24)]
+    slots = len({slot_of(key) for key in keys[:12]}) + len({slot_of(key) for key in keys[12:]})
+    assert sum(script_calls(node) for node in nodes) - before == slots
+    assert slots > 2  # the keys spread: a single call would not do
+    assert isinstance(outcomes[3], DuplicateTaskError)
+    assert outcomes[3].task_id == held.id
+    ids = [o.id for o in outcomes[:3] + outcomes[4:]] + [r.id for r in fanned.results]
+    holders = UniqueLocks(cluster_app)
+    assert {lock.task_id for lock in holders.list()} == {*ids, held.id}
