@@ -311,7 +311,8 @@ def decide(
     if holder is not None and holder != task_id and checks:
         backend = task.backend
         if looks_up_any_task(backend) and not _eager_without_results(task._get_app()):
-            claim = Claim(call.key, holder, task_id, lock_ttl_ms, call.unique.until, call.nonce)
+            claim = Claim(call.key, holder, task_id, lock_ttl_ms, call.unique.until, call.nonce,
+                          call.replaceable)
             try:
                 holder = take_over_if_finished(task, store, backend, claim)
             except redis.RedisError as exc:

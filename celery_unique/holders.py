@@ -146,6 +146,8 @@ class Claim(NamedTuple):
     #: The holder's ``unique_until``: what counts as finished.
     until: str
     nonce: str | None = None
+    #: The claimant is a debounce's call (on_duplicate="replace"): it stays replaceable.
+    replaceable: bool = False
 
 
 def take_over_if_finished(task: Any, store: LockStore, backend: Any, claim: Claim) -> str | None:
@@ -155,11 +157,11 @@ def take_over_if_finished(task: Any, store: LockStore, backend: Any, claim: Clai
     the lock instead (the reaper's use). ``task`` (or a task name) names the
     call for the log line and the ``lock_taken_over`` signal.
     """
-    key, holder, task_id, ttl_ms, until, nonce = claim
+    key, holder, task_id, ttl_ms, until, nonce, replaceable = claim
     state = stored_state(backend, holder)
     if not finished(state, until):
         return holder
-    answer = store.take_over(key, holder, task_id, ttl_ms, nonce)
+    answer = store.take_over(key, holder, task_id, ttl_ms, nonce, replaceable=replaceable)
     # A marked copy that stored its result is ending: its end follows within
     # moments. Its marker is waited on for a bounded while (only here, where
     # a finished state and a running marker meet), never taken over: the
@@ -170,10 +172,10 @@ def take_over_if_finished(task: Any, store: LockStore, backend: Any, claim: Clai
         if not marker_says_running(store.marker(key, holder)):
             # The end may have come between the refusal and this read: the
             # script, atomic, answers once more for the state as it is now.
-            answer = store.take_over(key, holder, task_id, ttl_ms, nonce)
+            answer = store.take_over(key, holder, task_id, ttl_ms, nonce, replaceable=replaceable)
             break
         time.sleep(pause)
-        answer = store.take_over(key, holder, task_id, ttl_ms, nonce)
+        answer = store.take_over(key, holder, task_id, ttl_ms, nonce, replaceable=replaceable)
     if answer is None:
         events.taken_over(task, key, holder, task_id, state)
     return answer

@@ -567,6 +567,9 @@ return 1
     # ARGV[2] - the new holder's task id, or "" to delete the lock
     # ARGV[3] - time to live in milliseconds of the new holder's lock
     # ARGV[4] - (caller-chosen new id only) the new incarnation's nonce
+    # ARGV[5] - (caller-chosen new id only) "1" if the new holder is
+    #           replaceable (on_duplicate="replace"): its marker says so, with
+    #           now as the debounce's first call, as REPLACE_SCRIPT writes it
     # return nil if the lock was taken over (or deleted), otherwise the
     #        holder's id. A resend finds the lock its first attempt took.
     TAKE_OVER_SCRIPT = _PRELUDE + """
@@ -593,7 +596,9 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 if KEYS[3] then
     local now = now_ms()
     set_aside(KEYS[3], KEYS[4], ARGV[4], now)
-    redis.call('SET', KEYS[3], 'q|0|0|' .. ARGV[4] .. '|' .. (now + tonumber(ARGV[3])), 'PX', ARGV[3])
+    local mine = 'q|0|0|' .. ARGV[4] .. '|' .. (now + tonumber(ARGV[3]))
+    if ARGV[5] == '1' then mine = mine .. '|s' .. now .. '|' end
+    redis.call('SET', KEYS[3], mine, 'PX', ARGV[3])
 end
 return false
 """
@@ -719,17 +724,21 @@ return false
         task_id: str,
         ttl_ms: int,
         nonce: str | None = None,
+        *,
+        replaceable: bool = False,
     ) -> str | None:
         """Give ``holder``'s lock to ``task_id`` if no copy of it runs or waits; None if done.
 
         Returns the holder's id while it stands. An empty ``task_id``
         deletes the lock instead (the reaper). ``nonce``: as for :meth:`acquire`.
+        ``replaceable``: the new holder (with a nonce) can itself be replaced
+        until it begins, as a holder that :meth:`replace` made.
         """
         keys = [key, marker_key(key, holder)]
         args: list[str | int] = [holder, task_id, ttl_ms]
         if nonce is not None and task_id:
             keys += [marker_key(key, task_id), former_marker_key(key, task_id)]
-            args.append(nonce)
+            args += [nonce, "1" if replaceable else ""]
         return _text(self._call(self._take_over, keys, args))
 
     def discard(self, key: str, attempt: Attempt, *, drop_later: bool) -> bool:

@@ -298,23 +298,25 @@ class ProtocolMachine(RuleBasedStateMachine):
         return None
 
     @precondition(lambda self: self.finished_holder() is not None)
-    @rule(resend=st.booleans())
-    def holder_check(self, resend: bool) -> None:
-        """A refused call takes a finished holder's lock over, as the producer does."""
+    @rule(resend=st.booleans(), replaceable=st.booleans())
+    def holder_check(self, resend: bool, replaceable: bool = False) -> None:
+        """A refused call takes a finished holder's lock over, as the producer does (a debounce's too)."""
         held = self.holder()
         call = self.finished_holder()
         if held is None or call is None:
             return
         new = f"gen-{next(self.generated)}"
-        answer = self.store.take_over(KEY, held, new, LOCK_TTL_MS)
+        # A debounce's call has a nonce and stays replaceable until it begins.
+        nonce = f"n{next(self.numbers)}" if replaceable else None
+        answer = self.store.take_over(KEY, held, new, LOCK_TTL_MS, nonce, replaceable=replaceable)
         if resend:
-            again = self.store.take_over(KEY, held, new, LOCK_TTL_MS)
+            again = self.store.take_over(KEY, held, new, LOCK_TTL_MS, nonce, replaceable=replaceable)
             assert again == answer, f"a resent take-over answered {again!r}, the first {answer!r}"
         if answer is None:
             self.assert_nothing_pending(call, "the holder check")
             call.expired = True  # its lock went to the new call
-            self.calls[(new, "")] = Incarnation(new, "")
-            self.new_copy(new, "")
+            self.calls[(new, nonce or "")] = Incarnation(new, nonce or "", replaceable=replaceable)
+            self.new_copy(new, nonce or "", marked=replaceable)
 
     # -- the broker -----------------------------------------------------------------------------
 

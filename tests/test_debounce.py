@@ -195,3 +195,18 @@ def test_a_call_with_callbacks_neither_replaces_nor_is_replaced(
     with pytest.raises(DuplicateTaskError):
         debounced.sync.apply_async((6, "b"), countdown=30, link=tasks.send_report.s())
     assert locks.get(debounced.sync.lock_key((6, "a"), {}, {})) == plain.id.encode()
+
+
+def test_a_call_that_takes_over_a_finished_holder_stays_replaceable(
+    celery_app: Celery, debounced: SimpleNamespace, locks: redis.Redis
+) -> None:
+    """A holder that finished without releasing is taken over; the new holder is replaced by the next call."""
+    key = debounced.sync.lock_key((1, "a"), {}, {})
+    finished_id = "finished-without-releasing"
+    locks.set(key, finished_id, px=60_000)
+    celery_app.backend.store_result(finished_id, "a", states.SUCCESS)
+    taker = debounced.sync.apply_async((1, "b"), countdown=30)
+    assert locks.get(key) == taker.id.encode()
+    latest = debounced.sync.apply_async((1, "c"), countdown=30)
+    assert locks.get(key) == latest.id.encode()
+    assert celery_app.backend.get_state(taker.id) == states.REVOKED

@@ -78,6 +78,12 @@ DEFECTS = {
         "_end", "END_SCRIPT", "local copies = f and not older and f.s == 'q' and f.owner == 'c'",
         "local copies = false",
     ),
+    # A take-over by a debounce's call that leaves its marker unreplaceable:
+    # the next call of the debounce is refused instead of replacing it.
+    "take-over forgets the debounce": (
+        "_take_over", "TAKE_OVER_SCRIPT",
+        "if ARGV[5] == '1' then mine = mine .. '|s' .. now .. '|' end", "",
+    ),
     # An end that releases while another copy of the id runs.
     "end releases under a running copy": (
         "_end", "END_SCRIPT",
@@ -132,6 +138,15 @@ SCENARIOS: dict[str, Sequence[Step]] = {
         ("begin", {"data": Pick(0), "resend": False}),
         ("store_result", {"data": Pick(0), "state": "SUCCESS"}),
         ("holder_check", {"resend": True}),
+    ),
+    # A holder stored SUCCESS; a debounce's call takes its lock over, and
+    # the next call of the debounce comes before that one begins.
+    "take-over forgets the debounce": (
+        ("enqueue", {"chosen": None, "resend": False, "throttle": False}),
+        ("begin", {"data": Pick(0), "resend": False}),
+        ("store_result", {"data": Pick(0), "state": "SUCCESS"}),
+        ("holder_check", {"resend": False, "replaceable": True}),
+        ("enqueue_replacing", {"resend": False, "throttle": False}),
     ),
     "resent acquire refuses itself": (
         ("enqueue", {"chosen": "chosen-1", "resend": True, "throttle": False}),
