@@ -9,6 +9,9 @@ taken, ``task_always_eager``      the eager run's result; the run ends the lock
 refused                           ``DuplicateTaskError``, raised
 refused, ``on_duplicate=          the holder's ``AsyncResult``
 "existing"`` or from a scheduler
+refused, ``"join"``, and awaited  the ``AsyncResult`` of the refused id, which
+(a canvas step, callbacks, a      a follow-up fills with the holder's result
+chosen id)                        (see :mod:`celery_unique.join`)
 refused while a worker hands a    the refused call's ``AsyncResult``
 canvas on
 refused, run here (``apply()``,   an ``EagerResult`` failed with
@@ -54,6 +57,7 @@ from .headers import (
 )
 from .holders import Claim, looks_up_any_task, take_over_if_finished
 from .ids import new_task_id
+from .join import can_join, send_join
 from .keys import lock_key
 from .lock import AcquireError, LockStore, Replaced
 from .options import (
@@ -419,6 +423,10 @@ def _fail_open(call: Call, error: LockStoreError) -> None:
     events.unlocked(call.task, call.key, error)
 
 
+#: Policies under which a refused call nothing waits on gets the holder's result.
+_RETURNS_HOLDER = ("existing", "join")
+
+
 def _refuse(call: Call, holder: str) -> AsyncResult[Any]:
     task, key = call.task, call.key
     # A refused call someone may wait on: its id was chosen before the call
@@ -428,6 +436,10 @@ def _refuse(call: Call, holder: str) -> AsyncResult[Any]:
     awaited = call.chosen or bool(call.link or call.link_error) or _running_here.get()
     refused_id = call.task_id if awaited else None
     events.refused(task, key, holder, call.args, call.kwargs)
+    if (call.unique.on_duplicate == "join" and refused_id is not None and refused_id != holder
+            and not _running_here.get() and not task._get_app().conf.task_always_eager and can_join(call)):
+        # Its canvas goes on with the holder's result, under the refused id.
+        return send_join(call, holder)
     if refused_id is not None and refused_id != holder:
         # Record the refused call as failed, as Celery records a failed
         # task, so later chain steps, the chord and the errbacks hear of
@@ -441,7 +453,7 @@ def _refuse(call: Call, holder: str) -> AsyncResult[Any]:
         return task.AsyncResult(refused_id or holder)
     # Beat would log a duplicate as a scheduling ERROR with a traceback on
     # every tick; for a scheduler a duplicate is expected, so it is only logged.
-    if call.unique.on_duplicate == "existing" or call.from_schedule:
+    if call.unique.on_duplicate in _RETURNS_HOLDER or call.from_schedule:
         if refused_id is not None and (_running_here.get() or task._get_app().conf.task_always_eager):
             # An eager canvas waits on each member's result here and now:
             # the refused member's is its failure, never the holder's

@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 Until = Literal["success", "finish", "start", "expiry"]
-OnDuplicate = Literal["raise", "existing", "replace"]
+OnDuplicate = Literal["raise", "existing", "replace", "join"]
 OnStoreError = Literal["raise", "enqueue"]
 #: Names of the parameters that make up the key (a lone string is one name):
 #: the types check_unique_on takes, no other sequence or set.
@@ -32,7 +32,7 @@ UniqueOn = str | list[str] | tuple[str, ...] | set[str] | frozenset[str]
 UNTIL: tuple[Until, ...] = ("success", "finish", "start", "expiry")
 #: What a duplicate enqueue does: raise DuplicateTaskError, return the
 #: holder's AsyncResult, or replace a holder that has not begun (a debounce).
-ON_DUPLICATE: tuple[OnDuplicate, ...] = ("raise", "existing", "replace")
+ON_DUPLICATE: tuple[OnDuplicate, ...] = ("raise", "existing", "replace", "join")
 #: What a call does when the lock store fails: raise LockStoreError, or
 #: publish the task without a lock (fail-open).
 ON_STORE_ERROR: tuple[OnStoreError, ...] = ("raise", "enqueue")

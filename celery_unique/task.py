@@ -64,7 +64,8 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
     unique_on: UniqueOn | None = None
     #: When the lock is released: "success", "finish", "start" or "expiry".
     unique_until: Until | None = None
-    #: What a duplicate does: "raise" or "existing" (return the holder's result).
+    #: What a duplicate does: "raise", "existing" (return the holder's result),
+    #: "replace" (a debounce) or "join" (a refused canvas step goes on with the holder's result).
     on_duplicate: OnDuplicate | None = None
     #: What a lock-store error does: "raise" (LockStoreError) or "enqueue" (publish unlocked).
     unique_on_store_error: OnStoreError | None = None

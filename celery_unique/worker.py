@@ -25,7 +25,7 @@ from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.request import Request
 
-from . import events, liveness
+from . import events, join, liveness
 from .compat import waiting_requests
 from .config import app_state
 from .errors import ConfigurationError
@@ -170,6 +170,7 @@ def _check_settings(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is None:
         return
+    join.register(app)  # the follow-up of a refused call under on_duplicate="join"
     try:
         app_state(app).target  # noqa: B018 - resolving it checks every setting
     except ConfigurationError as exc:
