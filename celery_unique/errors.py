@@ -13,6 +13,7 @@ __all__ = [
     "ConfigurationError",
     "DuplicateTaskError",
     "InvalidCallError",
+    "JoinError",
     "LockStoreError",
     "UniqueTaskError",
     "UniqueTypeError",
@@ -62,6 +63,27 @@ class DuplicateTaskError(UniqueTaskError):
 
     def __str__(self) -> str:
         return f"{self.task_name}: duplicate refused, task {self.task_id} holds the lock {self.key}"
+
+
+class JoinError(UniqueTaskError):
+    """A call that joined its holder (``on_duplicate="join"``) found no result to go on with.
+
+    The holder ``task_id`` let go of the lock ``key`` without a final state in
+    the result backend (its results are ignored, or expired, or it ended
+    with ``Ignore``). ``task_name`` is the joined call's task.
+    """
+
+    def __init__(self, task_name: str, task_id: str, key: str) -> None:
+        super().__init__(task_name, task_id, key)
+        self.task_name = task_name
+        self.task_id = task_id
+        self.key = key
+
+    def __str__(self) -> str:
+        return (
+            f"{self.task_name}: cannot join task {self.task_id}: it let go of the lock {self.key} "
+            "without a stored result"
+        )
 
 
 class LockStoreError(UniqueTaskError):

@@ -14,6 +14,7 @@ from kombu.exceptions import OperationalError
 from celery_unique import (
     ConfigurationError,
     DuplicateTaskError,
+    JoinError,
     LockStoreError,
     UniqueTask,
     UniqueTaskError,
@@ -215,3 +216,11 @@ def test_duplicate_error_rebuilds_from_its_args() -> None:
     error = DuplicateTaskError("proj.t", "id-1", "unique:celery:proj.t:d")
     copy = DuplicateTaskError(*error.args)
     assert (copy.task_id, copy.key, str(copy)) == ("id-1", error.key, str(error))
+
+
+def test_join_error_pickles_and_rebuilds_from_its_args() -> None:
+    """A JoinError comes back equal from a pickle and from cls(*args), as a result backend rebuilds it."""
+    error = JoinError("proj.t", "id-1", "unique:celery:proj.t:d")
+    for copy in (pickle.loads(pickle.dumps(error)), JoinError(*error.args)):
+        assert (copy.task_name, copy.task_id, copy.key, str(copy)) == ("proj.t", "id-1", error.key, str(error))
+    assert isinstance(error, UniqueTaskError)

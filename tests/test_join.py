@@ -7,13 +7,15 @@ duplicate that the holder finishes a moment later.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from celery import chain, chord, group, states
 
-from celery_unique import DuplicateTaskError
+from celery_unique import DuplicateTaskError, JoinError
 from celery_unique.testing import RedisServer
 from tests.lifecycle_app import QUEUE
 from tests.lifecycle_support import Lifecycle, park, stored
@@ -156,3 +158,62 @@ def test_a_refused_first_step_chord_body_and_callback_join(life: Lifecycle, tmp_
         assert body.get(timeout=TIMEOUT) == 6
         assert parent.get(timeout=TIMEOUT) == 2
         assert app.AsyncResult(callback.id).get(timeout=TIMEOUT) == 4
+
+
+def test_a_join_follows_the_call_that_replaced_its_holder(life: Lifecycle, tmp_path: Path) -> None:
+    """A holder replaced by a debounce's later call is not the end: the join goes on with that call's."""
+    app = life.app()
+    double = app.tasks["life.double"]
+    with life.worker(tmp_path / "worker.log"):
+        double.apply_async((2,), unique=60, on_duplicate="replace", countdown=1.5)
+        result = chain(double.s(2).set(unique=60, on_duplicate="join"), double.s()).apply_async()
+        latest = double.apply_async((2,), unique=60, on_duplicate="replace", countdown=1.5)
+        assert latest.get(timeout=TIMEOUT) == 4
+        assert result.get(timeout=TIMEOUT) == 8
+
+
+def test_a_holder_that_lets_go_without_a_result_fails_the_join_at_once(
+    life: Lifecycle, tmp_path: Path
+) -> None:
+    """A holder whose result is ignored fails its join with JoinError once it lets go, not at the TTL."""
+    app = life.app()
+    double = app.tasks["life.double"]
+    with life.worker(tmp_path / "worker.log"):
+        holder = double.apply_async((2,), unique=60, ignore_result=True, countdown=0.5)
+        result = chain(double.s(2).set(unique=60, on_duplicate="join"), double.s()).apply_async()
+        with pytest.raises(JoinError) as info:
+            result.get(timeout=TIMEOUT)
+        assert info.value.task_id == holder.id
+
+
+def test_a_join_is_routed_by_the_refused_calls_arguments(life: Lifecycle, broker: redis.Redis) -> None:
+    """A router that reads the call's arguments sends the follow-up where the refused call would go."""
+
+    def by_argument(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any) -> Any:
+        return {"queue": f"shard-{args[0]}"} if name == "life.double" else None
+
+    app = life.app(task_routes=[by_argument])
+    double = app.tasks["life.double"]
+    holder = double.apply_async((2,), unique=60, countdown=60)
+    joined = double.apply_async((2,), unique=60, on_duplicate="join", task_id="chosen-2")
+    assert joined.id == "chosen-2"
+    assert broker.llen("shard-2") == 2
+    holder.revoke()
+
+
+def test_a_group_with_a_join_sends_on_the_groups_own_producer(life: Lifecycle) -> None:
+    """With one pooled producer, which the group holds, a member's join goes out on it: the group returns."""
+    app = life.app(broker_pool_limit=1)
+    double = app.tasks["life.double"]
+    holder = park(app, 2)
+    sent: list[Any] = []
+    thread = threading.Thread(
+        daemon=True,
+        target=lambda: sent.append(
+            group(double.s(1).set(unique=60), double.s(2).set(unique=60, on_duplicate="join")).apply_async()
+        ),
+    )
+    thread.start()
+    thread.join(TIMEOUT)
+    assert len(sent) == 1
+    assert [r.id for r in sent[0].results][1] != holder.id
