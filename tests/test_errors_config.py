@@ -222,5 +222,6 @@ def test_join_error_pickles_and_rebuilds_from_its_args() -> None:
     """A JoinError comes back equal from a pickle and from cls(*args), as a result backend rebuilds it."""
     error = JoinError("proj.t", "id-1", "unique:celery:proj.t:d")
     for copy in (pickle.loads(pickle.dumps(error)), JoinError(*error.args)):
-        assert (copy.task_name, copy.task_id, copy.key, str(copy)) == ("proj.t", "id-1", error.key, str(error))
+        assert (copy.task_name, copy.task_id, copy.key) == ("proj.t", "id-1", error.key)
+        assert str(copy) == str(error)
     assert isinstance(error, UniqueTaskError)
