@@ -148,8 +148,10 @@ def _prepared(sig: Signature[Any]) -> tuple[Call, int] | None:
         enqueue.from_schedule(task, options.get("headers")),
     )
     lock_ttl_ms = enqueue.prepare(call, ttl, requested)
-    if call.unique.on_duplicate == "replace":
-        return None  # a debounce replaces its holder on its own: apply_async's path
+    if call.unique.on_duplicate == "replace" or call.unique.limit > 1:
+        # A debounce replaces its holder on its own, and a call under
+        # unique_limit takes one of its slots: apply_async's path.
+        return None
     return call, lock_ttl_ms
 
 

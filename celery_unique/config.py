@@ -28,7 +28,16 @@ import redis
 from celery.utils.text import match_case
 
 from .errors import ConfigurationError, UniqueTypeError, UniqueValueError
-from .options import ON_DUPLICATE, ON_STORE_ERROR, UNTIL, OnDuplicate, OnStoreError, Until
+from .options import (
+    MAX_LIMIT,
+    ON_DUPLICATE,
+    ON_STORE_ERROR,
+    UNTIL,
+    OnDuplicate,
+    OnStoreError,
+    Until,
+    check_limit,
+)
 from .redis_url import (
     SERVER_SCHEMES,
     RedisAddress,
@@ -110,6 +119,8 @@ class UniqueConfig:
     on_store_error: OnStoreError = "raise"
     #: App-wide default of the ``unique_max_wait`` option (seconds, a timedelta or None).
     max_wait: Any = None
+    #: App-wide default of the ``unique_limit`` option: calls with one key queued or running at once.
+    limit: int = 1
     #: Seconds a running marker lives without a heartbeat (renewed every third
     #: of it): how long a copy of a task id waits after its worker died.
     running_ttl: float = 30.0
@@ -196,7 +207,17 @@ class UniqueConfig:
                 f"{name('unique_max_wait')} must be a number of seconds or a timedelta, at least 0, "
                 f"not {max_wait!r}"
             ) from exc
+        limit = conf.get("unique_limit", cls.limit)
+        if limit is None:
+            limit = cls.limit
+        try:
+            check_limit("app settings", limit)
+        except (UniqueTypeError, UniqueValueError) as exc:
+            raise ConfigurationError(
+                f"{name('unique_limit')} must be a whole number from 1 to {MAX_LIMIT}, not {limit!r}"
+            ) from exc
         return cls(
+            limit=limit,
             default_queue=str(conf.get("task_default_queue") or cls.default_queue),
             transport_options=dict(transport_options),
             cluster=cluster,

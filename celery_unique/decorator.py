@@ -41,6 +41,7 @@ def unique_task(
     on_duplicate: OnDuplicate | None = ...,
     unique_on_store_error: OnStoreError | None = ...,
     unique_max_wait: float | timedelta | None = ...,
+    unique_limit: int | None = ...,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], _T]: ...
 
@@ -55,6 +56,7 @@ def unique_task(
     on_duplicate: OnDuplicate | None = ...,
     unique_on_store_error: OnStoreError | None = ...,
     unique_max_wait: float | timedelta | None = ...,
+    unique_limit: int | None = ...,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], UniqueTask]: ...
 
@@ -69,6 +71,7 @@ def unique_task(
     on_duplicate: OnDuplicate | None = _UNSET,
     unique_on_store_error: OnStoreError | None = _UNSET,
     unique_max_wait: float | timedelta | None = _UNSET,
+    unique_limit: int | None = _UNSET,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], UniqueTask]:
     """Return ``app.task`` (or ``shared_task``) for a ``UniqueTask``, typed.
@@ -85,6 +88,7 @@ def unique_task(
         "on_duplicate": on_duplicate,
         "unique_on_store_error": unique_on_store_error,
         "unique_max_wait": unique_max_wait,
+        "unique_limit": unique_limit,
     }
     options.update((name, value) for name, value in given.items() if value is not _UNSET)
     decorator: Callable[[Callable[..., Any]], UniqueTask] = (

@@ -55,11 +55,12 @@ from .headers import (
     UNLOCKED_HEADER,
     UNTIL_HEADER,
 )
-from .holders import Claim, looks_up_any_task, take_over_if_finished
+from .holders import Claim, looks_up_any_task, take_over_any_finished, take_over_if_finished
 from .ids import new_task_id
 from .join import can_join, send_join
 from .keys import lock_key
-from .lock import AcquireError, LockStore, Replaced
+from .limit import acquire_slot, check_slots, hold_slot
+from .lock import AcquireError, LockStore, Replaced, Slots
 from .options import (
     ON_DUPLICATE,
     ON_STORE_ERROR,
@@ -67,6 +68,7 @@ from .options import (
     UNTIL,
     UniqueOptions,
     check_choice,
+    check_limit,
     check_unique_on,
 )
 from .signals import in_beat
@@ -127,12 +129,15 @@ def resolve_options(
     if max_wait is None:
         max_wait = config.max_wait
     unique_on = requested.get("unique_on", task.unique_on)
+    limit = requested.get("unique_limit", task.unique_limit)
+    if limit is None:
+        limit = config.limit
     # Checked once per distinct combination: calls repeat a handful of them.
     cache: dict[Any, UniqueOptions] = task.__dict__.setdefault("_unique_options", {})
     try:
         cache_key: Any = (
             ttl, type(ttl), until, on_duplicate, on_store_error, max_wait, type(max_wait),
-            unique_on, type(unique_on),
+            unique_on, type(unique_on), limit, type(limit),
         )
         return cache[cache_key]
     except TypeError:  # an unhashable unique_on (a list): checked every time
@@ -147,7 +152,10 @@ def resolve_options(
         on_duplicate=check_choice(name, "on_duplicate", on_duplicate, ON_DUPLICATE),
         on_store_error=check_choice(name, "unique_on_store_error", on_store_error, ON_STORE_ERROR),
         max_wait_ms=max_wait_ms(name, max_wait),
+        limit=check_limit(name, limit),
     )
+    if options.limit > 1:
+        check_slots(name, options, config, task._get_app())
     if cache_key is not None and len(cache) < 256:
         cache[cache_key] = options
     return options
@@ -198,6 +206,8 @@ def lock(call: Call, ttl: Any, requested: Mapping[str, Any]) -> LockStore | Asyn
     lock_ttl_ms = prepare(call, ttl, requested)
     if call.replaceable:
         return _replace(call, lock_ttl_ms)
+    if call.unique.limit > 1:
+        return _take_slot(call, lock_ttl_ms)
     task = call.task
     app = task._get_app()
     lock_db = None if _running_here.get() or app.conf.task_always_eager else atomic.lock_db(app)
@@ -328,6 +338,54 @@ def decide(
     if holder is None:
         events.taken(task, call.key, task_id, lock_ttl_ms)
         return store
+    return _refuse(call, holder)
+
+
+def _take_slot(call: Call, lock_ttl_ms: int) -> LockStore | AsyncResult[Any] | None:
+    # unique_limit=N: one of N slots (see celery_unique.limit), through
+    # the lock-first path always, the transport's included.
+    try:
+        store = lock_store(call)
+        answer = acquire_slot(call, store, lock_ttl_ms)
+    except LockStoreError as exc:
+        failed(call, exc)
+        return None
+    return decide_slots(call, store, answer, lock_ttl_ms)
+
+
+def decide_slots(
+    call: Call, store: LockStore, answer: Slots, lock_ttl_ms: int
+) -> LockStore | AsyncResult[Any] | None:
+    """:func:`decide` under ``unique_limit``: the holder check over every slot's holder, or the refusal."""
+    task = call.task
+    if answer.key is not None:
+        hold_slot(call, answer.key)
+        events.taken(task, call.key, call.lock_id, lock_ttl_ms)
+        return store
+    slot, holder = answer.holders[0]
+    checks = app_state(task._get_app()).config.check_holder and call.unique.until != "expiry"
+    if holder != call.lock_id and checks:
+        backend = task.backend
+        if looks_up_any_task(backend) and not _eager_without_results(task._get_app()):
+            slots = [key for key, _ in answer.holders]
+            claims = [
+                Claim(key, held_by, call.lock_id, lock_ttl_ms, call.unique.until, call.nonce,
+                      others=tuple(other for other in slots if other != key) if call.chosen else ())
+                for key, held_by in answer.holders
+            ]
+            try:
+                taken = take_over_any_finished(task, store, backend, claims)
+            except redis.RedisError as exc:
+                events.store_error(task)
+                error = LockStoreError.from_error(task.name, call.key, exc)
+                error.__cause__ = exc
+                failed(call, error)
+                return None
+            if taken is not None:
+                hold_slot(call, taken.key)
+                events.taken(task, call.key, call.lock_id, lock_ttl_ms)
+                return store
+    hold_slot(call, slot)
     return _refuse(call, holder)
 
 

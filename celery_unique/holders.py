@@ -27,7 +27,7 @@ no newer attempt of it is queued (see ``TAKE_OVER_SCRIPT`` in
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from celery import states
@@ -43,6 +43,7 @@ __all__ = [
     "looks_up_any_task",
     "stored_state",
     "stored_states",
+    "take_over_any_finished",
     "take_over_if_finished",
 ]
 
@@ -148,6 +149,9 @@ class Claim(NamedTuple):
     nonce: str | None = None
     #: The claimant is a debounce's call (on_duplicate="replace"): it stays replaceable.
     replaceable: bool = False
+    #: Under ``unique_limit``: the key's other slots, where a caller-chosen
+    #: claimant must not already hold one (one id, one slot).
+    others: tuple[str, ...] = ()
 
 
 def take_over_if_finished(task: Any, store: LockStore, backend: Any, claim: Claim) -> str | None:
@@ -157,11 +161,41 @@ def take_over_if_finished(task: Any, store: LockStore, backend: Any, claim: Clai
     the lock instead (the reaper's use). ``task`` (or a task name) names the
     call for the log line and the ``lock_taken_over`` signal.
     """
-    key, holder, task_id, ttl_ms, until, nonce, replaceable = claim
-    state = stored_state(backend, holder)
-    if not finished(state, until):
-        return holder
-    answer = store.take_over(key, holder, task_id, ttl_ms, nonce, replaceable=replaceable)
+    state = stored_state(backend, claim.holder)
+    if not finished(state, claim.until):
+        return claim.holder
+    return _take_over_finished(task, store, claim, state)
+
+
+def take_over_any_finished(
+    task: Any, store: LockStore, backend: Any, claims: Sequence[Claim]
+) -> Claim | None:
+    """Take over the slot of the first finished holder among ``claims`` (``unique_limit``); return its claim.
+
+    One claim per held slot, slot 1 first; their states are read at once
+    (:func:`stored_states`). Each finished holder's slot is taken over as
+    :func:`take_over_if_finished` takes a lock over, until one is given.
+    None while every holder stands.
+    """
+    try:
+        found = stored_states(backend, [claim.holder for claim in claims])
+    except Exception:  # a backend that is down: the holders stand
+        return None
+    for claim in claims:
+        state = found.get(claim.holder)
+        if finished(state, claim.until) and _take_over_finished(task, store, claim, state) is None:
+            return claim
+    return None
+
+
+def _take_over_finished(task: Any, store: LockStore, claim: Claim, state: str | None) -> str | None:
+    key, holder = claim.key, claim.holder
+
+    def take() -> str | None:
+        return store.take_over(key, holder, claim.task_id, claim.ttl_ms, claim.nonce,
+                               replaceable=claim.replaceable, others=claim.others)
+
+    answer = take()
     # A marked copy that stored its result is ending: its end follows within
     # moments. Its marker is waited on for a bounded while (only here, where
     # a finished state and a running marker meet), never taken over: the
@@ -172,10 +206,10 @@ def take_over_if_finished(task: Any, store: LockStore, backend: Any, claim: Clai
         if not marker_says_running(store.marker(key, holder)):
             # The end may have come between the refusal and this read: the
             # script, atomic, answers once more for the state as it is now.
-            answer = store.take_over(key, holder, task_id, ttl_ms, nonce, replaceable=replaceable)
+            answer = take()
             break
         time.sleep(pause)
-        answer = store.take_over(key, holder, task_id, ttl_ms, nonce, replaceable=replaceable)
+        answer = take()
     if answer is None:
-        events.taken_over(task, key, holder, task_id, state)
+        events.taken_over(task, key, holder, claim.task_id, state)
     return answer

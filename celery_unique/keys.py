@@ -50,6 +50,9 @@ __all__ = [
     "marker_key",
     "parse_key",
     "routed_queue",
+    "slot_key",
+    "slot_keys",
+    "slot_of",
 ]
 
 # One encoder for every call: it holds no state between calls, and building
@@ -121,6 +124,34 @@ def former_marker_key(lock_key: str, task_id: str) -> str:
     """
     prefix = lock_key.rsplit(":", 3)[0]
     return f"{prefix}:was:{{{lock_key}}}:{task_id}"
+
+
+#: What joins a lock key and the number of one of its slots 2..N (``unique_limit``).
+SLOT_SEPARATOR = "~"
+
+
+def slot_key(lock_key: str, slot: int) -> str:
+    """Return the key of slot ``slot`` of ``lock_key`` under ``unique_limit``: the key itself for slot 1.
+
+    Slots 2..N are ``<lock key>~2`` ... ``<lock key>~N``: the digest is
+    base64url and the escaped task name and queue hold no ``~`` that could
+    end a key, so a slot key is never another call's lock key. It holds no
+    braces: its markers (:func:`marker_key`) share its Redis Cluster slot.
+    """
+    return lock_key if slot == 1 else f"{lock_key}{SLOT_SEPARATOR}{slot}"
+
+
+def slot_keys(lock_key: str, limit: int) -> list[str]:
+    """The keys of the ``limit`` slots of ``lock_key``, slot 1 (the key itself) first."""
+    return [slot_key(lock_key, slot) for slot in range(1, limit + 1)]
+
+
+def slot_of(key: str) -> tuple[str, int]:
+    """Split a lock or slot key into the lock key and the slot number (1 for a lock key itself)."""
+    head, separator, number = key.rpartition(SLOT_SEPARATOR)
+    if separator and number.isdigit() and ":" not in number and int(number) >= 2:
+        return head, int(number)
+    return key, 1
 
 
 def key_head(prefix: str, queue: str, task_name: str) -> str:

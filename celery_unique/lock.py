@@ -45,7 +45,7 @@ from redis.exceptions import NoScriptError
 from redis.sentinel import SentinelConnectionPool
 
 from .headers import nesting_of
-from .keys import former_marker_key, marker_key
+from .keys import former_marker_key, marker_key, slot_keys
 
 __all__ = [
     "AcquireError",
@@ -53,6 +53,7 @@ __all__ = [
     "LockStore",
     "Outcome",
     "Replaced",
+    "Slots",
     "Ticket",
     "attempt_of",
     "enqueue_locked",
@@ -121,6 +122,16 @@ class Replaced(NamedTuple):
     replaced: str | None
     #: Redis time as the script ran (ms).
     now_ms: int
+
+
+class Slots(NamedTuple):
+    """What ACQUIRE_SLOT_SCRIPT did for a call under ``unique_limit`` (see :meth:`LockStore.acquire_slot`)."""
+
+    #: The slot key the call now holds, or None if it was refused.
+    key: str | None
+    #: If refused, ``(slot key, holder)`` of each slot held, slot 1 first:
+    #: every slot, or only the one the same caller-chosen id already holds.
+    holders: tuple[tuple[str, str], ...] = ()
 
 
 #: How a run ends, as the lock store sees it (see END_SCRIPT).
@@ -315,6 +326,48 @@ for i = 1, #ARGV, 3 do
     out[#out + 1] = holder or ''
 end
 return out
+"""
+
+    # Take a slot of a key under unique_limit=N (celery_unique.limit): the
+    # first free one of N locks, each taken as ACQUIRE_SCRIPT takes one (the
+    # rule lives in _ACQUIRE). One id holds at most one slot: a slot this id
+    # already holds answers as ACQUIRE_SCRIPT would for it, so a resend
+    # after a lost reply finds its first attempt's slot, and the same chosen
+    # id enqueued again by another call is refused by itself.
+    #
+    # KEYS - per slot, 1 to N in order: its slot key (slot 1 is the lock key
+    #        itself, slot i the lock key + "~i"), and for a caller-chosen id
+    #        also that slot's marker and former-incarnation key of ARGV[1]
+    # ARGV[1] - task id that wants a slot
+    # ARGV[2] - time to live in milliseconds
+    # ARGV[3] - the incarnation's nonce for a caller-chosen id, "" otherwise
+    # return {i, ""} if ARGV[1] now holds slot i (a resend finds it there);
+    #        {i, ARGV[1]} if the same chosen id holds slot i for another
+    #        call; {0, holder of slot 1, ..., holder of slot N} if other ids
+    #        hold every slot.
+    ACQUIRE_SLOT_SCRIPT = _ACQUIRE + """
+local chosen = ARGV[3] ~= ''
+local step = chosen and 3 or 1
+local n = #KEYS / step
+local function take(i)
+    local k = (i - 1) * step + 1
+    if chosen then
+        return (acquire(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[1], ARGV[2], ARGV[3]))
+    end
+    return (acquire(KEYS[k], nil, nil, ARGV[1], ARGV[2], nil))
+end
+for i = 1, n do
+    if redis.call('GET', KEYS[(i - 1) * step + 1]) == ARGV[1] then
+        return {i, take(i) or ''}
+    end
+end
+local holders = {0}
+for i = 1, n do
+    local holder = take(i)
+    if not holder then return {i, ''} end
+    holders[#holders + 1] = holder
+end
+return holders
 """
 
     # Take the lock for a call that replaces a holder not begun yet
@@ -567,11 +620,14 @@ return 1
     # ARGV[2] - the new holder's task id, or "" to delete the lock
     # ARGV[3] - time to live in milliseconds of the new holder's lock
     # ARGV[4] - (caller-chosen new id only) the new incarnation's nonce
+    # KEYS[5..] - (caller-chosen new id under unique_limit only) the key's
+    #           other slots: one that ARGV[2] holds already refuses the call
     # ARGV[5] - (caller-chosen new id only) "1" if the new holder is
     #           replaceable (on_duplicate="replace"): its marker says so, with
     #           now as the debounce's first call, as REPLACE_SCRIPT writes it
     # return nil if the lock was taken over (or deleted), otherwise the
-    #        holder's id. A resend finds the lock its first attempt took.
+    #        holder's id (ARGV[2] itself if it holds another slot). A resend
+    #        finds the lock its first attempt took.
     TAKE_OVER_SCRIPT = _PRELUDE + """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder == ARGV[2] then
@@ -580,6 +636,10 @@ if holder and holder == ARGV[2] then
     local mine = 'q|0|0|' .. ARGV[4] .. '|'
     if marker and string.sub(marker, 1, #mine) == mine then return false end
     return holder
+end
+-- One id, one slot: the same chosen id holds another slot of the key.
+for i = 5, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[2] then return ARGV[2] end
 end
 if holder ~= ARGV[1] then
     if holder then return holder end
@@ -617,6 +677,7 @@ return false
         self._enqueue = client.register_script(self.ENQUEUE_SCRIPT)
         self._acquire_many = client.register_script(self.ACQUIRE_MANY_SCRIPT)
         self._replace = client.register_script(self.REPLACE_SCRIPT)
+        self._acquire_slot = client.register_script(self.ACQUIRE_SLOT_SCRIPT)
         # One server behind a plain pool: the hot paths (the producer's
         # acquire, the worker's end) write pre-packed commands on connections
         # of their own. Sentinel and Cluster clients take redis-py's path.
@@ -648,6 +709,35 @@ return false
             except redis.RedisError as exc:
                 raise AcquireError(exc, maybe_applied=True) from exc
         return _text(self._own_call(self._acquire, keys, args))
+
+    def acquire_slot(
+        self, key: str, limit: int, task_id: str, ttl_ms: int, nonce: str | None = None
+    ) -> Slots:
+        """Take the first free of the ``limit`` slots of ``key`` for ``task_id`` (see ACQUIRE_SLOT_SCRIPT).
+
+        ``nonce``: as for :meth:`acquire`. All the slots must be in one hash
+        slot on a Cluster (a hash tag in the prefix). Raises
+        :class:`AcquireError` if Redis fails; a slot may then have been taken.
+        """
+        slots = slot_keys(key, limit)
+        keys: list[str] = []
+        for slot in slots:
+            keys.append(slot)
+            if nonce is not None:
+                keys += [marker_key(slot, task_id), former_marker_key(slot, task_id)]
+        args = (task_id, ttl_ms, nonce or "")
+        if self._own is None:
+            try:
+                reply = self._call(self._acquire_slot, keys, args)
+            except redis.RedisError as exc:
+                raise AcquireError(exc, maybe_applied=True) from exc
+        else:
+            reply = self._own_call(self._acquire_slot, keys, args)
+        taken = int(reply[0])
+        if taken:
+            holder = _text(reply[1])
+            return Slots(None, ((slots[taken - 1], holder),)) if holder else Slots(slots[taken - 1])
+        return Slots(None, tuple((slot, str(_text(h))) for slot, h in zip(slots, reply[1:], strict=True)))
 
     def replace(self, key: str, task_id: str, ttl_ms: int, nonce: str) -> Replaced:
         """Take the lock for ``task_id``, replacing a holder that has not begun (see REPLACE_SCRIPT).
@@ -726,18 +816,21 @@ return false
         nonce: str | None = None,
         *,
         replaceable: bool = False,
+        others: Sequence[str] = (),
     ) -> str | None:
         """Give ``holder``'s lock to ``task_id`` if no copy of it runs or waits; None if done.
 
         Returns the holder's id while it stands. An empty ``task_id``
         deletes the lock instead (the reaper). ``nonce``: as for :meth:`acquire`.
         ``replaceable``: the new holder (with a nonce) can itself be replaced
-        until it begins, as a holder that :meth:`replace` made.
+        until it begins, as a holder that :meth:`replace` made. ``others``:
+        under ``unique_limit``, the key's other slots, none of which a
+        caller-chosen ``task_id`` may hold already.
         """
         keys = [key, marker_key(key, holder)]
         args: list[str | int] = [holder, task_id, ttl_ms]
         if nonce is not None and task_id:
-            keys += [marker_key(key, task_id), former_marker_key(key, task_id)]
+            keys += [marker_key(key, task_id), former_marker_key(key, task_id), *others]
             args += [nonce, "1" if replaceable else ""]
         return _text(self._call(self._take_over, keys, args))
 

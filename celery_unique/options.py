@@ -3,8 +3,8 @@
 Each option can be given per call (``apply_async(..., opt=...)`` or
 ``.set(opt=...)`` on a signature), as a task attribute
 (``@app.task(base=UniqueTask, opt=...)``) or, for ``unique_until``,
-``on_duplicate``, ``unique_on_store_error`` and ``unique_max_wait``, as an
-app setting. Per call wins over the task attribute, which wins over the app
+``on_duplicate``, ``unique_on_store_error``, ``unique_max_wait`` and
+``unique_limit``, as an app setting. Per call wins over the task attribute, which wins over the app
 setting, which wins over the built-in default.
 """
 
@@ -16,8 +16,8 @@ from typing import Any, Literal, NamedTuple
 from .errors import UniqueTypeError, UniqueValueError
 
 __all__ = [
-    "ON_DUPLICATE", "ON_STORE_ERROR", "OPTION_NAMES", "UNSET", "UNTIL", "UniqueOptions",
-    "check_choice", "check_unique_on",
+    "MAX_LIMIT", "ON_DUPLICATE", "ON_STORE_ERROR", "OPTION_NAMES", "UNSET", "UNTIL", "UniqueOptions",
+    "check_choice", "check_limit", "check_unique_on",
 ]
 
 Until = Literal["success", "finish", "start", "expiry"]
@@ -40,7 +40,11 @@ ON_STORE_ERROR: tuple[OnStoreError, ...] = ("raise", "enqueue")
 #: Options a caller may pass to apply_async; they never reach kombu.
 OPTION_NAMES = (
     "unique", "unique_on", "unique_until", "on_duplicate", "unique_on_store_error", "unique_max_wait",
+    "unique_limit",
 )
+
+#: The largest ``unique_limit``: one script reads every slot of a key.
+MAX_LIMIT = 1000
 
 #: The default of an option left out, where ``None`` says something (``unique_on=None``: all arguments).
 UNSET: Any = object()
@@ -57,6 +61,8 @@ class UniqueOptions(NamedTuple):
     #: Under ``on_duplicate="replace"``: how long, in ms, the first replaced
     #: call may be postponed in all (``unique_max_wait``); None for no cap.
     max_wait_ms: int | None = None
+    #: ``unique_limit``: how many calls with the key may be queued or running at once.
+    limit: int = 1
 
 
 def check_choice(task_name: str, option: str, value: Any, choices: Sequence[str]) -> Any:
@@ -79,3 +85,16 @@ def check_unique_on(task_name: str, value: Any) -> tuple[str, ...] | None:
     raise UniqueTypeError(
         f"{task_name}: unique_on must be a sequence of parameter names, not {value!r}"
     )
+
+
+def check_limit(task_name: str, value: Any) -> int:
+    """Return ``unique_limit`` if it is a whole number from 1 to :data:`MAX_LIMIT`, else raise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UniqueTypeError(
+            f"{task_name}: unique_limit must be a whole number of calls, at least 1, not {value!r}"
+        )
+    if not 1 <= value <= MAX_LIMIT:
+        raise UniqueValueError(
+            f"{task_name}: unique_limit must be at least 1 and at most {MAX_LIMIT}, not {value!r}"
+        )
+    return value

@@ -71,6 +71,8 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
     unique_on_store_error: OnStoreError | None = None
     #: Under on_duplicate="replace": at most how long (seconds or timedelta) a debounce postpones.
     unique_max_wait: float | timedelta | None = None
+    #: How many calls with one key may be queued or running at once (default 1).
+    unique_limit: int | None = None
 
     #: The worker's request class: it ends the run of a task whose pool
     #: process died. Derive a request class of your own from it.
@@ -98,6 +100,7 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
             on_duplicate: OnDuplicate | None = ...,
             unique_on_store_error: OnStoreError | None = ...,
             unique_max_wait: float | timedelta | None = ...,
+            unique_limit: int | None = ...,
             **options: Any,
         ) -> UniqueSignature: ...
 

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
             on_duplicate: OnDuplicate | None = ...,
             unique_on_store_error: OnStoreError | None = ...,
             unique_max_wait: float | timedelta | None = ...,
+            unique_limit: int | None = ...,
             **options: Any,
         ) -> UniqueSignature: ...
 
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
             on_duplicate: OnDuplicate | None = ...,
             unique_on_store_error: OnStoreError | None = ...,
             unique_max_wait: float | timedelta | None = ...,
+            unique_limit: int | None = ...,
             **options: Any,
         ) -> AsyncResult[Any]: ...
 
@@ -87,6 +89,7 @@ if TYPE_CHECKING:
         on_duplicate: OnDuplicate | None = ...,
         unique_on_store_error: OnStoreError | None = ...,
         unique_max_wait: float | timedelta | None = ...,
+        unique_limit: int | None = ...,
         **options: Any,
     ) -> AsyncResult[Any]: ...
 
