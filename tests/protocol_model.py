@@ -8,7 +8,9 @@ a copy's beginning, its body storing a result, its end with each outcome,
 a retry, a crash, the death reported by the worker's main process, a
 revoke, a purge, a reap, time passing (unrenewed markers expire) and the
 lock's TTL passing, and a call that replaces a holder not begun yet
-(``on_duplicate="replace"``, a debounce). A call is a throttle
+(``on_duplicate="replace"``, a debounce), and a call with ``unique_limit``
+(ACQUIRE_SLOT_SCRIPT over the slots of a key of its own, whose copies
+begin and end on the slot they took). A call is a throttle
 (``unique_until="expiry"``) or not. A command's reply may be lost: the client sends it again. An enqueue goes
 through ACQUIRE_SCRIPT (the lock, then a publish) or ENQUEUE_SCRIPT (the
 opt-in transport: lock and message in one script, the queue in a database of
@@ -32,7 +34,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from celery_unique import execution, holders
-from celery_unique.keys import marker_key
+from celery_unique.keys import marker_key, slot_keys
 from celery_unique.lock import KEEP, REQUEUE, Attempt, LockStore, Ticket, enqueue_locked
 
 PREFIX = "model"
@@ -44,6 +46,10 @@ OTHER_KEY = f"{PREFIX}:celery:model.task:other"
 LOCK_TTL_MS = 300_000
 MARKER_TTL_MS = 30_000
 CHOSEN_IDS = ("chosen-1", "chosen-2")
+#: The key of the calls sent with unique_limit (at most LIMITS[-1] slots), and its slots.
+LIMIT_KEY = f"{PREFIX}:celery:model.task:limited"
+LIMITS = (2, 3)
+LIMIT_SLOTS = tuple(slot_keys(LIMIT_KEY, LIMITS[-1]))
 #: The queue of ENQUEUE_SCRIPT's messages, in a database beside the model's locks.
 QUEUE = "model-queue"
 
@@ -69,6 +75,8 @@ class Copy:
     stored: bool = False
     #: Set when it died after publishing its retry, before saying so (CONTINUE).
     died_continuing: bool = False
+    #: The lock its message carries: KEY, or the slot of LIMIT_KEY its call took.
+    key: str = KEY
 
     @property
     def attempt(self) -> Attempt:
@@ -101,6 +109,8 @@ class Incarnation:
     stored: str | None = None
     ended_attempts: set[tuple[int, int]] = field(default_factory=set)
     latest: tuple[int, int] = (0, 0)
+    #: The lock it holds: KEY, or the slot of LIMIT_KEY it took (unique_limit).
+    key: str = KEY
 
 
 class ProtocolMachine(RuleBasedStateMachine):
@@ -132,8 +142,8 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def holder(self) -> str | None:
-        value = self.client.get(KEY)
+    def holder(self, key: str = KEY) -> str | None:
+        value = self.client.get(key)
         return value.decode() if value is not None else None
 
     def call_of(self, copy: Copy) -> Incarnation:
@@ -172,7 +182,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             if (c.task_id, c.nonce) == (call.task_id, call.nonce)
         ]
         if not busy:
-            assert self.holder() != call.task_id, f"{how}: {call} succeeded and ended, and its lock stays"
+            held = self.holder(call.key)
+            assert held != call.task_id, f"{how}: {call} succeeded and ended, and its lock stays"
 
     def copies_in(self, *states: str) -> list[Copy]:
         return [c for c in self.copies if c.state in states]
@@ -238,14 +249,19 @@ class ProtocolMachine(RuleBasedStateMachine):
         if holder is not None:
             assert holder == before
             return
+        self.incarnate(task_id, nonce, throttle, KEY)
+
+    def incarnate(self, task_id: str, nonce: str, throttle: bool, key: str) -> None:
+        """A new incarnation holds ``key``, with one queued copy."""
         for (other, _), call in self.calls.items():
-            if other == task_id:
+            if other == task_id and call.key == key:
                 # A reused id: the old incarnation's lock is gone. Its ended or
                 # revoked state is kept aside for one incarnation, no more.
                 call.expired = call.expired or call.superseded
                 call.superseded = True
-        self.calls[(task_id, nonce)] = Incarnation(task_id, nonce, "expiry" if throttle else "success")
-        self.new_copy(task_id, nonce)
+        until = "expiry" if throttle else "success"
+        self.calls[(task_id, nonce)] = Incarnation(task_id, nonce, until, key=key)
+        self.new_copy(task_id, nonce, key=key)
 
     @rule(resend=st.booleans(), throttle=st.sampled_from((False, False, False, True)))
     def enqueue_replacing(self, resend: bool, throttle: bool) -> None:
@@ -254,7 +270,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         before = self.holder()
         held = next(
             (c for c in self.calls.values()
-             if c.task_id == before and not (c.expired or c.superseded or c.revoked or c.replaced)),
+             if c.task_id == before and c.key == KEY
+             and not (c.expired or c.superseded or c.revoked or c.replaced)),
             None,
         )
         answer = self.store.replace(KEY, task_id, LOCK_TTL_MS, nonce)
@@ -279,6 +296,52 @@ class ProtocolMachine(RuleBasedStateMachine):
         )
         self.new_copy(task_id, nonce, marked=True)
 
+    @rule(chosen=st.sampled_from((None, *CHOSEN_IDS)), resend=st.booleans(),
+          throttle=st.sampled_from((False, False, False, True)), limit=st.sampled_from(LIMITS))
+    def enqueue_limited(self, chosen: str | None, resend: bool, throttle: bool, limit: int) -> None:
+        """A call with unique_limit (ACQUIRE_SLOT), maybe resent; refused, it takes over a finished slot."""
+        task_id = chosen or f"gen-{next(self.generated)}"
+        nonce = f"n{next(self.numbers)}" if chosen else ""
+        slots = LIMIT_SLOTS[:limit]
+        before = {slot: self.holder(slot) for slot in slots}
+        answer = self.store.acquire_slot(LIMIT_KEY, limit, task_id, LOCK_TTL_MS, nonce or None)
+        if resend:
+            again = self.store.acquire_slot(LIMIT_KEY, limit, task_id, LOCK_TTL_MS, nonce or None)
+            assert again == answer, f"a resent slot acquire answered {again}, the first {answer}"
+        own = [slot for slot, held in before.items() if held == task_id]
+        if answer.key is not None:
+            assert not own, f"{task_id} took {answer.key} while it held {own}"
+            free = [slot for slot, held in before.items() if held is None]
+            assert free, f"{task_id} took {answer.key}, though {before} held every slot"
+            assert answer.key == free[0], f"{task_id} took {answer.key}, not the first free of {before}"
+            self.incarnate(task_id, nonce, throttle, answer.key)
+            return
+        if own:
+            assert chosen, f"generated {task_id} in {own} was refused: {answer}"
+            assert answer.holders == ((own[0], task_id),), f"{task_id} in {own} answered {answer}"
+            return
+        assert dict(answer.holders) == before, f"refused by {answer.holders}, but {before} held the slots"
+        # The holder check, as decide_slots does it: the first finished holder's slot.
+        for slot, held in answer.holders:
+            call = self.finished_slot_holder(slot, held)
+            if call is None:
+                continue
+            others = tuple(other for other in slots if other != slot) if chosen else ()
+            if self.store.take_over(slot, held, task_id, LOCK_TTL_MS, nonce or None, others=others) is None:
+                self.assert_nothing_pending(call, "the slot's holder check")
+                call.expired = True
+                self.incarnate(task_id, nonce, throttle, slot)
+                return
+
+    def finished_slot_holder(self, slot: str, held: str) -> Incarnation | None:
+        """The incarnation holding ``slot``, if the result backend says it finished (never a throttle)."""
+        for call in self.calls.values():
+            if call.task_id == held and call.key == slot and not (call.expired or call.superseded):
+                if call.until == "expiry":
+                    return None
+                return call if call.stored in ("SUCCESS", "FAILURE") else None
+        return None
+
     def begun(self, call: Incarnation) -> bool:
         """Whether a copy of ``call`` ever began (held a marker, ran, ended), or a retry of it is out."""
         mine = [c for c in self.copies if (c.task_id, c.nonce) == (call.task_id, call.nonce)]
@@ -290,7 +353,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         """The current incarnation holding the lock, if the result backend says it finished."""
         held = self.holder()
         for call in self.calls.values():
-            if call.task_id == held and not (call.expired or call.superseded):
+            if call.task_id == held and call.key == KEY and not (call.expired or call.superseded):
                 # A throttle's producer and reaper ask holders.finished, which never says yes.
                 if call.until == "expiry" and not holders.finished(call.stored, call.until):
                     return None
@@ -332,7 +395,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         original = data.draw(st.sampled_from(candidates))
         original.marked = True
         self.new_copy(original.task_id, original.nonce, nesting=original.nesting,
-                      retries=original.retries, marked=True)
+                      retries=original.retries, marked=True, key=original.key)
 
     # -- workers --------------------------------------------------------------------------------
 
@@ -346,15 +409,15 @@ class ProtocolMachine(RuleBasedStateMachine):
         if call.revoked:
             # Celery discards a revoked task's message and says so (task_revoked).
             copy.state = "dropped"
-            self.store.discard(KEY, copy.attempt, drop_later=True)
+            self.store.discard(copy.key, copy.attempt, drop_later=True)
             return
         if not copy.marked:
             self.assert_may_run(copy, "an unmarked copy")
             copy.state = "running"
             return
-        reply = self.store.begin(KEY, copy.attempt, copy.owner, "other-machine:1", MARKER_TTL_MS)
+        reply = self.store.begin(copy.key, copy.attempt, copy.owner, "other-machine:1", MARKER_TTL_MS)
         if resend:
-            again = self.store.begin(KEY, copy.attempt, copy.owner, "other-machine:1", MARKER_TTL_MS)
+            again = self.store.begin(copy.key, copy.attempt, copy.owner, "other-machine:1", MARKER_TTL_MS)
             assert again[0] == reply[0] or (reply[0] == "run" and again[0] == "run"), (reply, again)
         verdict = reply[0]
         if verdict == "run":
@@ -376,7 +439,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             assert running or call.expired, f"{copy} held back with no copy of its attempt running"
             # Held back: published again with a countdown; that copy is marked too.
             copy.state = "dropped"
-            self.new_copy(copy.task_id, copy.nonce, nesting=copy.nesting, retries=copy.retries, marked=True)
+            self.new_copy(copy.task_id, copy.nonce, nesting=copy.nesting, retries=copy.retries, marked=True,
+                          key=copy.key)
         elif verdict == "skip":
             assert (
                 call.expired
@@ -434,7 +498,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         if not marked and outcome == KEEP:
             return  # the worker sends nothing
         for _ in range(2 if resend else 1):
-            self.store.end(KEY, copy.attempt, copy.owner, outcome, leave_done=marked)
+            self.store.end(copy.key, copy.attempt, copy.owner, outcome, leave_done=marked)
         if not copy.stray:
             self.assert_let_go(call, "END")
 
@@ -451,7 +515,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         attempt = (copy.nesting, copy.retries + 1)
         # A replaceable call's retry carries its header: its runs are marked too.
         marked = marked or call.replaceable
-        self.new_copy(copy.task_id, copy.nonce, nesting=attempt[0], retries=attempt[1], marked=marked)
+        self.new_copy(copy.task_id, copy.nonce, nesting=attempt[0], retries=attempt[1], marked=marked,
+                      key=copy.key)
         call.latest = max(call.latest, attempt)
         # The retry is published; CONTINUE follows (``continued``), and the
         # retry may begin, even end, in between.
@@ -464,7 +529,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         """The attempt that published a retry says so (CONTINUE); its body then returns."""
         copy = data.draw(st.sampled_from(self.copies_in("continuing")))
         call = self.call_of(copy)
-        self.store.continue_(KEY, Attempt(copy.task_id, copy.nesting, copy.retries + 1, copy.nonce))
+        self.store.continue_(copy.key, Attempt(copy.task_id, copy.nesting, copy.retries + 1, copy.nonce))
         throw = self.pending_throw.pop(copy.number)
         if call.latest == (copy.nesting, copy.retries + 1):
             call.stored = "RETRY" if throw else "SUCCESS"
@@ -486,19 +551,20 @@ class ProtocolMachine(RuleBasedStateMachine):
         """The main process hears its pool process died: the dead copy's marker goes first."""
         copy = data.draw(st.sampled_from([c for c in self.copies_in("crashed") if not c.stray]))
         copy.state = "dropped"
-        self.store.end(KEY, copy.attempt, copy.owner, REQUEUE, leave_done=False)
+        self.store.end(copy.key, copy.attempt, copy.owner, REQUEUE, leave_done=False)
         if requeued:
-            self.new_copy(copy.task_id, copy.nonce, nesting=copy.nesting, retries=copy.retries, marked=True)
+            self.new_copy(copy.task_id, copy.nonce, nesting=copy.nesting, retries=copy.retries, marked=True,
+                          key=copy.key)
             if copy.died_continuing:
                 # Its retry is out and nothing said so: the attempt comes back
                 # and may run beside its retry, as a plain task's would. Outside
                 # the protocol (docs/protocol.md, "Bounds"): best effort from here.
                 self.call_of(copy).expired = True
         else:
-            self.store.end(KEY, copy.attempt, copy.owner, KEEP, leave_done=True)
+            self.store.end(copy.key, copy.attempt, copy.owner, KEEP, leave_done=True)
             # The attempt ended unless another copy of it runs (its marker stands):
             # then that copy's own end decides.
-            marker = (self.client.get(marker_key(KEY, copy.task_id)) or b"").decode()
+            marker = (self.client.get(marker_key(copy.key, copy.task_id)) or b"").decode()
             if marker.startswith(f"d|{copy.nesting}|{copy.retries}|{copy.nonce}|"):
                 self.call_of(copy).ended_attempts.add((copy.nesting, copy.retries))
 
@@ -507,7 +573,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def heartbeat(self) -> None:
         """The keepers of live marked copies renew their markers."""
         live = self.copies_in("running", "continuing", "ending")
-        markers = [(marker_key(KEY, c.task_id), c.marker) for c in live if c.marker]
+        markers = [(marker_key(c.key, c.task_id), c.marker) for c in live if c.marker]
         self.store.heartbeat(markers, MARKER_TTL_MS)
 
     # -- operators ------------------------------------------------------------------------------
@@ -522,7 +588,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         if not purge:
             # The revoke reaches every copy of the id that a worker discards.
             call.revoked = True
-        released = self.store.discard(KEY, copy.attempt, drop_later=True)
+        released = self.store.discard(copy.key, copy.attempt, drop_later=True)
         if purge and released:
             call.revoked = True  # purged: its other copies are dropped
 
@@ -553,7 +619,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule()
     def lock_expires(self) -> None:
         """The lock's TTL passes: it and every marker under it expire; best effort from then on."""
-        for key in [KEY, *self.client.scan_iter(f"{PREFIX}:run:*")]:
+        for key in [KEY, *LIMIT_SLOTS, *self.client.scan_iter(f"{PREFIX}:run:*")]:
             self.client.delete(key)
         for call in self.calls.values():
             call.expired = True
@@ -569,19 +635,30 @@ class ProtocolMachine(RuleBasedStateMachine):
     def no_release_while_a_copy_runs(self) -> None:
         """Invariant 2: a task id whose marked copy runs still holds its lock (unless its TTL passed)."""
         running = [c for c in self.copies_in("running") if not c.stray and self.live(c)]
-        holder = self.holder() if running else None
         for copy in running:
-            assert holder == copy.task_id, f"{copy} runs without its lock: {holder!r} holds it"
+            holder = self.holder(copy.key)
+            assert holder == copy.task_id, f"{copy} runs without its lock {copy.key}: {holder!r} holds it"
 
     @invariant()
     def throttle_window(self) -> None:
         """Invariant 6: a throttle's lock is its own until its TTL, unless a revoke or purge dropped it."""
-        holder = None
         for call in self.calls.values():
             dropped = call.revoked or call.replaced
             if call.until == "expiry" and not (call.expired or call.superseded or dropped):
-                holder = holder or self.holder()
+                holder = self.holder(call.key)
                 assert holder == call.task_id, f"throttle {call} lost its lock to {holder!r} before its TTL"
+
+    @invariant()
+    def at_most_n_slots(self) -> None:
+        """At most N holders per key under unique_limit=N, and one id holds at most one slot."""
+        held = [value for value in self.client.mget(LIMIT_SLOTS) if value is not None]
+        assert len(held) <= LIMITS[-1]
+        assert len(set(held)) == len(held), f"one id holds two slots: {held}"
+        # The slots are taken in order: only a slot's end or TTL frees it.
+        live = [c for c in self.calls.values()
+                if c.key in LIMIT_SLOTS and not (c.expired or c.superseded or c.revoked or c.replaced)
+                and c.latest not in c.ended_attempts]
+        assert len(live) <= LIMITS[-1], f"{len(live)} calls under the limit at once: {live}"
 
     @invariant()
     def bounded_residue(self) -> None:
@@ -598,6 +675,6 @@ class ProtocolMachine(RuleBasedStateMachine):
         for key, ttl, value in zip(keys, replies[::2], replies[1::2], strict=True):
             assert key.decode().startswith(f"{PREFIX}:"), key
             assert ttl > 0, f"{key!r} has no TTL ({ttl})"
-            if key.decode() != KEY:
+            if key.decode() not in (KEY, *LIMIT_SLOTS):
                 deadline = int((value or b"").decode().split("|")[4])
                 assert ttl <= deadline - now_ms + 50, f"{key!r} outlives its lock's deadline"

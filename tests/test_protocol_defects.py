@@ -84,6 +84,12 @@ DEFECTS = {
         "_take_over", "TAKE_OVER_SCRIPT",
         "if ARGV[5] == '1' then mine = mine .. '|s' .. now .. '|' end", "",
     ),
+    # A slot acquire that does not look for a slot its id holds first: a
+    # chosen id enqueued again takes a second slot once an earlier one frees.
+    "chosen id takes a second slot": (
+        "_acquire_slot", "ACQUIRE_SLOT_SCRIPT",
+        "if redis.call('GET', KEYS[(i - 1) * step + 1]) == ARGV[1] then", "if false then",
+    ),
     # An end that releases while another copy of the id runs.
     "end releases under a running copy": (
         "_end", "END_SCRIPT",
@@ -193,6 +199,16 @@ SCENARIOS: dict[str, Sequence[Step]] = {
         ("end", {"data": Pick(3), "until": "success", "resend": False}),
         ("begin", {"data": Pick(2), "resend": False}),
     ),
+    # Under unique_limit=2, a generated call takes slot 1 and a chosen id
+    # slot 2; the first ends, and the chosen id is enqueued again.
+    "chosen id takes a second slot": (
+        ("enqueue_limited", {"chosen": None, "resend": False, "throttle": False, "limit": 2}),
+        ("enqueue_limited", {"chosen": "chosen-1", "resend": False, "throttle": False, "limit": 2}),
+        ("begin", {"data": Pick(0), "resend": False}),
+        ("store_result", {"data": Pick(0), "state": "SUCCESS"}),
+        ("end", {"data": Pick(0), "until": "success", "resend": False}),
+        ("enqueue_limited", {"chosen": "chosen-1", "resend": True, "throttle": False, "limit": 2}),
+    ),
     # A marked run's worker hangs until its marker expires; a copy runs; the
     # first copy's death is reported and its message comes back.
     "end releases under a running copy": (
@@ -220,7 +236,7 @@ def play(client: redis.Redis, mutations: dict[str, str], steps: Sequence[Step]) 
     """Run ``steps`` on the model, checking every invariant after each one."""
     machine = type("Machine", (ProtocolMachine,), {"client": client, "mutations": mutations})()
     checks = [getattr(machine, name) for name in ("no_release_while_a_copy_runs", "bounded_residue",
-                                                  "throttle_window")]
+                                                  "throttle_window", "at_most_n_slots")]
     for rule, arguments in steps:
         getattr(machine, rule)(**copy.deepcopy(arguments))  # a Pick is used up as it draws
         for check in checks:
