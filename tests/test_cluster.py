@@ -11,7 +11,7 @@ import redis
 from celery import Celery, group
 from celery.contrib.testing.worker import start_worker
 
-from celery_unique import DuplicateTaskError, UniqueLocks, UniqueTask, apply_many, fan_out
+from celery_unique import ConfigurationError, DuplicateTaskError, UniqueLocks, UniqueTask, apply_many, fan_out
 from celery_unique.testing import RedisServer
 from tests.cluster_support import LocalCluster
 from tests.conftest import wait_until
@@ -141,3 +141,33 @@ def test_a_batch_takes_its_locks_in_one_script_call_per_slot(
     ids = [o.id for o in outcomes[:3] + outcomes[4:]] + [r.id for r in fanned.results]
     holders = UniqueLocks(cluster_app)
     assert {lock.task_id for lock in holders.list()} == {*ids, held.id}
+
+
+def test_a_limit_needs_a_hash_tag_on_the_cluster(cluster_app: Celery) -> None:
+    """unique_limit above 1 with an untagged prefix is refused on a Cluster, naming task and setting."""
+    task: Any = cluster_app.tasks["tests.cluster_report"]
+    with pytest.raises(ConfigurationError, match=r"cluster_report: unique_limit=2 .* unique_key_prefix"):
+        task.apply_async((1,), unique=60, unique_limit=2)
+    # unique_limit=1 is the plain lock, as ever.
+    task.apply_async((1,), unique=60, unique_limit=1)
+
+
+def test_a_limit_under_a_tagged_prefix_runs_on_the_cluster(
+    cluster_app: Celery, cluster: LocalCluster
+) -> None:
+    """With a hash-tagged prefix, the slots share a hash slot: N calls run, the one too many is refused."""
+    cluster_app.conf.unique_key_prefix = "{locks}"
+    task: Any = cluster_app.tasks["tests.cluster_report"]
+    with start_worker(cluster_app, pool="solo", perform_ping_check=False):
+        results = [task.apply_async((5,), unique=60, unique_limit=3, countdown=1) for _ in range(3)]
+        with pytest.raises(DuplicateTaskError) as info:
+            task.apply_async((5,), unique=60, unique_limit=3)
+        assert info.value.task_id == results[0].id
+        key = task.lock_key((5,), {}, {})
+        client = redis.RedisCluster.from_url(cluster.url)
+        assert [client.get(f"{key}~{i}" if i > 1 else key) for i in (1, 2, 3)] == [
+            r.id.encode() for r in results
+        ]
+        assert [r.get(timeout=10) for r in results] == [5, 5, 5]
+        wait_until(lambda: UniqueLocks(cluster_app).count() == 0, what="every slot released")
+        assert task.apply_async((5,), unique=60, unique_limit=3).get(timeout=10) == 5
