@@ -7,6 +7,9 @@ deletes only the keys it created.
 
 ``replace`` is a unique call with ``on_duplicate="replace"`` that finds the
 lock free, ``replacing`` one that replaces the holder before it (a debounce).
+``limit=3`` is a unique call with ``unique_limit=3`` that takes a slot of a
+fresh key (one script over its three slots), ``limit=3 duplicate`` one
+refused because all three slots of its key are held.
 
 The ``x100`` variants enqueue 100 calls at a time, and report the time per
 call: ``apply_many x100`` a batch of unique calls whose locks are taken in
@@ -237,6 +240,17 @@ def core_variants(app: Celery) -> list[Variant]:
     unique = app.task(name="benchmarks.unique_report", base=UniqueTask)(report)
 
 
+    def hold_slots() -> None:
+        for _ in range(3):
+            unique.apply_async((-3, "held", "pdf"), unique=TTL, unique_limit=3)
+
+    def limited_duplicate(_: int) -> None:
+        try:
+            unique.apply_async((-3, "held", "pdf"), unique=TTL, unique_limit=3)
+        except DuplicateTaskError:
+            return
+        raise AssertionError("the three held slots did not refuse the call (limit=3 duplicate)")
+
     def hold_replaceable() -> None:
         unique.apply_async((-2, "held", "pdf"), unique=TTL, on_duplicate="replace", countdown=60)
 
@@ -254,6 +268,10 @@ def core_variants(app: Celery) -> list[Variant]:
         Variant("replace", lambda i: unique.apply_async((i, "monthly", "pdf"), unique=TTL,
                                                          on_duplicate="replace")),
         Variant("replacing", replacing, prepare=hold_replaceable),
+        # unique_limit=3: a fresh key's first slot, and a call refused by
+        # a key whose three slots are held.
+        Variant("limit=3", lambda i: unique.apply_async((i, "yearly", "pdf"), unique=TTL, unique_limit=3)),
+        Variant("limit=3 duplicate", limited_duplicate, prepare=hold_slots),
     ]
 
 

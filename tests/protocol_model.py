@@ -16,7 +16,7 @@ through ACQUIRE_SCRIPT (the lock, then a publish) or ENQUEUE_SCRIPT (the
 opt-in transport: lock and message in one script, the queue in a database of
 its own), and the queue must hold exactly one message per call accepted that way. Each rule
 calls :class:`celery_unique.lock.LockStore` on a real Redis, and after
-every step the machine checks invariants 1-7 of docs/protocol.md against
+every step the machine checks invariants 1-8 of docs/protocol.md against
 what Redis holds and what the model knows.
 
 The model runs a copy *unmarked* only where a worker would: a first copy of

@@ -52,6 +52,7 @@ def test_quick_run_succeeds(quick_run: QuickRun) -> None:
     [
         "plain", "unique", "duplicate", "unique+transport", "duplicate+transport", "plain+transport",
         "apply_many x100", "group x100", "unique group x100", "fan_out group x100", "replace", "replacing",
+        "limit=3", "limit=3 duplicate",
     ],
 )
 def test_core_variant_ratio_printed(quick_run: QuickRun, variant: str) -> None:
