@@ -29,6 +29,7 @@ import click
 from .admin import LockStatus, UniqueLocks
 from .config import describe_store
 from .errors import UniqueTaskError
+from .keys import slot_of
 
 __all__ = ["unique"]
 
@@ -193,8 +194,8 @@ def _state(lock: LockStatus) -> str:
 
 
 def _lock_json(lock: LockStatus) -> dict[str, Any]:
-    """One lock of ``list --json``: LockStatus's fields, its time in ISO 8601."""
-    fields = lock._asdict()
+    """One lock of ``list --json``: LockStatus's fields (and the slot after the key), its time in ISO 8601."""
+    fields: dict[str, Any] = {"key": lock.key, "slot": slot_of(lock.key)[1], **lock._asdict()}
     if lock.issued_at is not None:
         fields["issued_at"] = lock.issued_at.isoformat(timespec="milliseconds")
     if lock.age is not None:

@@ -731,10 +731,11 @@ def test_cli_list_json(
     by_id = {lock["task_id"]: lock for lock in document["locks"]}
     made, unknown = by_id[held.a.id], by_id[chosen.id]
     assert list(made) == [
-        "key", "task_name", "queue", "task_id", "ttl", "issued_at", "age", "state", "running"
+        "key", "slot", "task_name", "queue", "task_id", "ttl", "issued_at", "age", "state", "running"
     ]
     key = next(k.decode() for k in locks.keys("*") if locks.get(k) == held.a.id.encode())
     assert (made["key"], made["task_name"], made["queue"]) == (key, "tests.send_report", "celery")
+    assert made["slot"] == 1
     assert isinstance(made["ttl"], float)
     assert 0 < made["ttl"] <= 60
     assert isinstance(made["age"], float)

@@ -366,3 +366,18 @@ def test_slot_keys_parse_back() -> None:
     assert slot_key(key, 1) == key
     assert slot_of(slot_key(key, 17)) == (key, 17)
     assert slot_of(key) == (key, 1)
+
+
+def test_the_cli_says_which_slot_a_lock_is(
+    redis_server: RedisServer, limited: SimpleNamespace, locks: redis.Redis
+) -> None:
+    """`unique list --json` gives each held slot's number beside its key."""
+    from tests.test_admin import celery_cli
+
+    key = limited.export.lock_key((14,), {}, {})
+    for _ in range(2):
+        limited.export.delay(14)
+    result = celery_cli(redis_server, "list", "--json")
+    assert result.returncode == 0, result.stderr
+    slots = {lock["key"]: lock["slot"] for lock in json.loads(result.stdout)["locks"]}
+    assert slots == {key: 1, f"{key}~2": 2}
