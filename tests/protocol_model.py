@@ -333,6 +333,32 @@ class ProtocolMachine(RuleBasedStateMachine):
                 self.incarnate(task_id, nonce, throttle, slot)
                 return
 
+    def finished_slots(self) -> list[tuple[str, str]]:
+        """Every ``(slot, holder)`` of LIMIT_KEY whose holder the result backend says finished."""
+        held = [(slot, self.holder(slot)) for slot in LIMIT_SLOTS]
+        return [(slot, h) for slot, h in held if h is not None and self.finished_slot_holder(slot, h)]
+
+    @precondition(lambda self: self.finished_slots())
+    @rule(data=st.data(), chosen=st.sampled_from((None, *CHOSEN_IDS)), limit=st.sampled_from(LIMITS))
+    def slot_take_over(self, data: st.DataObject, chosen: str | None, limit: int) -> None:
+        """A call refused by full slots takes a finished slot over, after another call of its id took one."""
+        slots = LIMIT_SLOTS[:limit]
+        finished = [(slot, held) for slot, held in self.finished_slots() if slot in slots]
+        if not finished:
+            return
+        slot, held = data.draw(st.sampled_from(finished))
+        task_id = chosen or f"gen-{next(self.generated)}"
+        nonce = f"n{next(self.numbers)}" if chosen else ""
+        own = [other for other in slots if self.holder(other) == task_id]
+        others = tuple(other for other in slots if other != slot) if chosen else ()
+        if self.store.take_over(slot, held, task_id, LOCK_TTL_MS, nonce or None, others=others) is None:
+            assert not own, f"{task_id} took {slot} over while it held {own}"
+            call = self.finished_slot_holder(slot, held)
+            assert call is not None
+            self.assert_nothing_pending(call, "a late slot take-over")
+            call.expired = True
+            self.incarnate(task_id, nonce, False, slot)
+
     def finished_slot_holder(self, slot: str, held: str) -> Incarnation | None:
         """The incarnation holding ``slot``, if the result backend says it finished (never a throttle)."""
         for call in self.calls.values():

@@ -90,6 +90,12 @@ DEFECTS = {
         "_acquire_slot", "ACQUIRE_SLOT_SCRIPT",
         "if redis.call('GET', KEYS[(i - 1) * step + 1]) == ARGV[1] then", "if false then",
     ),
+    # A slot take-over that does not look at the key's other slots: a
+    # chosen id that another call put in one slot takes a second one over.
+    "slot take-over ignores the other slots": (
+        "_take_over", "TAKE_OVER_SCRIPT",
+        "if redis.call('GET', KEYS[i]) == ARGV[2] then return ARGV[2] end", "",
+    ),
     # An end that releases while another copy of the id runs.
     "end releases under a running copy": (
         "_end", "END_SCRIPT",
@@ -107,6 +113,16 @@ class Pick:
     def draw(self, strategy: Any) -> Any:
         number = self.numbers.pop(0)
         return next(each for each in strategy.elements if each.number == number)
+
+
+class SlotPick:
+    """Stands in for slot_take_over's ``data``: draws the finished slot with the given index."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def draw(self, strategy: Any) -> Any:
+        return list(strategy.elements)[self.index]
 
 
 Step = tuple[str, dict[str, Any]]
@@ -208,6 +224,16 @@ SCENARIOS: dict[str, Sequence[Step]] = {
         ("store_result", {"data": Pick(0), "state": "SUCCESS"}),
         ("end", {"data": Pick(0), "until": "success", "resend": False}),
         ("enqueue_limited", {"chosen": "chosen-1", "resend": True, "throttle": False, "limit": 2}),
+    ),
+    # Under unique_limit=2, a generated call holds slot 1 and stores SUCCESS
+    # before its end; a chosen id holds slot 2, and a call of the same id,
+    # refused by both slots a moment before, takes slot 1 over.
+    "slot take-over ignores the other slots": (
+        ("enqueue_limited", {"chosen": None, "resend": False, "throttle": False, "limit": 2}),
+        ("enqueue_limited", {"chosen": "chosen-1", "resend": False, "throttle": False, "limit": 2}),
+        ("begin", {"data": Pick(0), "resend": False}),
+        ("store_result", {"data": Pick(0), "state": "SUCCESS"}),
+        ("slot_take_over", {"data": SlotPick(0), "chosen": "chosen-1", "limit": 2}),
     ),
     # A marked run's worker hangs until its marker expires; a copy runs; the
     # first copy's death is reported and its message comes back.
