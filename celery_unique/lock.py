@@ -26,6 +26,10 @@ Two kinds of key (see :mod:`celery_unique.keys` and docs/protocol.md):
   ``dl`` is the lock's deadline in milliseconds (Redis time). No marker ever
   outlives ``dl``: every key the package writes dies with its lock.
 
+Under ``unique_limit=N`` a key has N slots, each a lock as above (``L``, then
+``L~2`` ... ``L~N``); ACQUIRE_SLOT_SCRIPT takes one, and every other script
+works on the one slot a message carries as it works on a lock.
+
 Every script below is the only place its rule lives, and every one is safe
 to send twice: a client that resends a command after its reply was lost
 gets the answer the first one earned, so a resend never refuses its own
