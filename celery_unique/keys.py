@@ -162,7 +162,9 @@ def key_head(prefix: str, queue: str, task_name: str) -> str:
 def parse_key(key: str) -> LockKey:
     """Split a lock key made by :func:`format_key` back into its parts.
 
-    Raises ``ValueError`` naming ``key`` if it is not shaped like one.
+    Raises ``ValueError`` naming ``key`` if it is not shaped like one. A slot
+    key (``unique_limit``) parses as its lock key does, its ``~<slot>`` left
+    on the digest: :func:`slot_of` splits it off.
     """
     parts = key.rsplit(":", 3)
     if len(parts) != 4 or not parts[0] or not parts[3]:

@@ -22,7 +22,7 @@ from celery_unique import (
     apply_many,
 )
 from celery_unique.config import lock_store
-from celery_unique.keys import slot_key, slot_of
+from celery_unique.keys import parse_key, slot_key, slot_of
 from celery_unique.lock import LockStore
 from celery_unique.testing import RedisServer
 from tests.conftest import BROKER_DB, LOCK_DB, wait_until
@@ -366,6 +366,14 @@ def test_slot_keys_parse_back() -> None:
     assert slot_key(key, 1) == key
     assert slot_of(slot_key(key, 17)) == (key, 17)
     assert slot_of(key) == (key, 1)
+    assert parse_key(slot_key(key, 2)).task_name == "tests.limit.export"
+
+
+def test_a_misspelt_limit_is_refused(tasks: SimpleNamespace, broker: redis.Redis) -> None:
+    """unique_limt=2 is refused as a near miss of unique_limit, before anything is sent."""
+    with pytest.raises(UniqueTypeError, match="unique_limit"):
+        tasks.send_report.apply_async((1,), unique=60, unique_limt=2)
+    assert broker.llen("celery") == 0
 
 
 def test_the_cli_says_which_slot_a_lock_is(
