@@ -389,3 +389,16 @@ def test_the_cli_says_which_slot_a_lock_is(
     assert result.returncode == 0, result.stderr
     slots = {lock["key"]: lock["slot"] for lock in json.loads(result.stdout)["locks"]}
     assert slots == {key: 1, f"{key}~2": 2}
+
+
+def test_a_run_sees_its_own_slot_and_a_retry_keeps_it(
+    tasks: SimpleNamespace, worker: Any, locks: redis.Redis
+) -> None:
+    """Each run finds its own id in the slot its message names; a retry runs under that slot and frees it."""
+    first = tasks.held_by.apply_async((1,), unique=60, unique_limit=2, countdown=0.5)
+    second = tasks.held_by.apply_async((1,), unique=60, unique_limit=2)
+    assert second.get(timeout=10) == second.id
+    assert first.get(timeout=10) == first.id
+    retried = [tasks.flaky.apply_async((2,), unique=60, unique_limit=2) for _ in range(2)]
+    assert [r.get(timeout=15) for r in retried] == [1, 1]
+    wait_until(lambda: locks.dbsize() == 0, what="every slot freed after the retries")
