@@ -39,14 +39,18 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from billiard.exceptions import TimeLimitExceeded
+from celery.app.task import Context
+from celery.backends.base import DisabledBackend
 from celery.canvas import Signature
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.result import AsyncResult
 
-from . import enqueue
+from . import enqueue, events
 from .call import Call
 from .cleanup import clean_up_later, release_quietly
 from .errors import LockStoreError, UniqueTaskError
-from .fanout import deferred
+from .fanout import Batch, deferred
 from .headers import drop_own_headers
 from .lock import AcquireError
 from .option_names import check_option_names
@@ -60,6 +64,9 @@ if TYPE_CHECKING:
 
     #: What one call of the batch became.
     Outcome: TypeAlias = "AsyncResult[Any] | Exception"
+
+#: Exceptions that stop a batch, though they are Exceptions: a worker's time limits.
+_INTERRUPTIONS = (SoftTimeLimitExceeded, TimeLimitExceeded)
 
 # Options apply_async takes as parameters of its own, not as Celery options.
 _PARAMETERS = ("task_id", "producer", "link", "link_error", "shadow")
@@ -79,7 +86,15 @@ def apply_many(signatures: Iterable[Signature[Any]]) -> list[Outcome]:
     for sig in sigs:
         calls.append(_prepared(sig))
     locked = [entry for entry in calls if entry is not None]
-    holders = _acquire_all(locked)
+    try:
+        holders = _acquire_all(locked)
+    except BaseException:
+        # Interrupted while the script ran (Ctrl-C): any lock may be taken,
+        # and no message is published; owner-checked releases are safe.
+        for call, _ in locked:
+            with contextlib.suppress(Exception):
+                release_quietly(enqueue.lock_store(call), call.key, call.lock_id, call.nonce or "")
+        raise
     outcomes: list[Outcome] = []
     try:
         for sig, entry in zip(sigs, calls, strict=True):
@@ -110,21 +125,55 @@ def fan_out() -> Iterator[None]:
     their outcomes (a ``DuplicateTaskError`` under ``on_duplicate="raise"``,
     a ``LockStoreError``, a failed publish) is then raised; every refused
     member's own result already says why. An exception inside the block
-    sends none of the calls it deferred. A block inside another adds its calls
-    to the outer one's.
+    sends none of the calls it deferred, and stores each one's result as
+    REVOKED, so that nothing waits on it. A block inside another adds its
+    calls to the outer one's (and drops them if it raises).
     """
-    if deferred.get() is not None:
-        yield
+    outer = deferred.get()
+    if outer is not None and outer.open:
+        start = len(outer.calls)
+        try:
+            yield
+        except BaseException:
+            dropped = outer.calls[start:]
+            del outer.calls[start:]
+            _revoke(dropped)
+            raise
         return
-    batch: list[Signature[Any]] = []
+    batch = Batch()
     token = deferred.set(batch)
     try:
         yield
+    except BaseException:
+        _revoke(batch.calls)
+        raise
     finally:
+        batch.open = False
         deferred.reset(token)
-    for outcome in apply_many(batch):
+    for outcome in apply_many(batch.calls):
         if isinstance(outcome, Exception):
             raise outcome
+
+
+def _revoke(dropped: list[Signature[Any]]) -> None:
+    # Calls a block dropped were never sent: their results say REVOKED, as
+    # Celery stores a revoked task's, so that a chord counts them (and fails)
+    # and a group's result is ready, instead of waiting for ever.
+    for sig in dropped:
+        task = sig.type
+        with contextlib.suppress(Exception):  # a backend that is down must not hide the block's error
+            if isinstance(task.backend, DisabledBackend):
+                continue
+            options = sig.options
+            request = Context(
+                id=options["task_id"], task=task.name, args=list(sig.args or ()),
+                kwargs=dict(sig.kwargs or {}), chord=options.get("chord"), group=options.get("group_id"),
+                group_index=options.get("group_index"), root_id=options.get("root_id"),
+                parent_id=options.get("parent_id"), headers=options.get("headers"),
+                reply_to=options.get("reply_to") or task._get_app().thread_oid,
+                correlation_id=options["task_id"],
+            )
+            task.backend.mark_as_revoked(options["task_id"], "a fan_out() block raised", request=request)
 
 
 def _prepared(sig: Signature[Any]) -> tuple[Call, int] | None:
@@ -172,6 +221,7 @@ def _acquire_all(locked: list[tuple[Call, int]]) -> dict[int, str | LockStoreErr
             holders = store.acquire_many(claims)
         except AcquireError as failure:
             for call, _ in entries:
+                events.store_error(call.task)
                 # Any of them may have been taken; none is published, so an
                 # owner-checked release is always safe.
                 clean_up_later(store, call.key, call.lock_id, call.nonce or "")
@@ -201,6 +251,8 @@ def _settle(entry: tuple[Call, int], holder: str | LockStoreError | None) -> Out
         return enqueue.publish(call, locked)
     except UniqueTaskError as exc:
         return exc
+    except _INTERRUPTIONS:
+        raise  # a worker's time limit stops the batch (apply_many gives back the rest)
     except Exception as exc:  # the publish failed; its lock was given back
         return exc
 
@@ -208,6 +260,8 @@ def _settle(entry: tuple[Call, int], holder: str | LockStoreError | None) -> Out
 def _plain(sig: Signature[Any]) -> Outcome:
     try:
         result: AsyncResult[Any] = sig.apply_async()
+    except _INTERRUPTIONS:
+        raise
     except Exception as exc:
         return exc
     return result

@@ -15,7 +15,7 @@ can consult it without importing the batch machinery that imports the task.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -23,10 +23,37 @@ from celery.canvas import Signature
 
 from .continuation import continued_run
 
-__all__ = ["defer_call", "deferred"]
+__all__ = ["Batch", "defer_call", "deferred", "outside_block"]
 
-#: The signatures the innermost ``fan_out()`` block of this context holds, or None outside one.
-deferred: ContextVar[list[Signature[Any]] | None] = ContextVar("celery_unique_fan_out", default=None)
+
+class Batch:
+    """The calls a ``fan_out()`` block deferred; closed once the block ends.
+
+    A context copied inside the block (an asyncio task, ``to_thread``) keeps
+    a reference to it: a call made there after the block ended finds it
+    closed and goes out at once instead of into a batch already sent.
+    """
+
+    __slots__ = ("calls", "open")
+
+    def __init__(self) -> None:
+        self.calls: list[Signature[Any]] = []
+        self.open = True
+
+
+#: The batch of the ``fan_out()`` block of this context, or None outside one.
+deferred: ContextVar[Batch | None] = ContextVar("celery_unique_fan_out", default=None)
+
+
+def outside_block(call: Callable[[], Any]) -> Any:
+    """Run ``call`` with no block open: what it sends goes out at once (a ``Task.replace()`` does)."""
+    if deferred.get() is None:
+        return call()
+    token = deferred.set(None)
+    try:
+        return call()
+    finally:
+        deferred.reset(token)
 
 
 def defer_call(
@@ -46,11 +73,13 @@ def defer_call(
     is left out, since the block's end publishes on a producer of its own.
     """
     batch = deferred.get()
-    if batch is None or not task_id or task._get_app().conf.task_always_eager:
+    if batch is None or not batch.open or not task_id or task._get_app().conf.task_always_eager:
         return False
+    if options.get("unique", task.unique) is None:
+        return False  # takes no lock: it goes out as it is made, as a plain task's call does
     if continued_run(task, task_id, options) is not None:
         return False
     own = {name: value for name, value in parameters.items() if value is not None}
-    batch.append(Signature(task.name, args, kwargs, {**options, **own, "task_id": task_id},
+    batch.calls.append(Signature(task.name, args, kwargs, {**options, **own, "task_id": task_id},
                            type=task, app=task._get_app()))
     return True

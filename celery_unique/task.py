@@ -22,7 +22,7 @@ from .config import app_state
 from .continuation import continue_run, continued_run, hand_over
 from .enqueue import from_schedule, lock, lock_here, publish, take_unique_options
 from .execution import RUN_ATTR, Run, eager_calls, hold_back
-from .fanout import defer_call, deferred
+from .fanout import defer_call, deferred, outside_block
 from .headers import LOCK_HEADER, drop_own_headers
 from .option_names import check_option_names
 from .options import UNSET, OnDuplicate, OnStoreError, UniqueOn, Until, check_unique_on
@@ -249,9 +249,13 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
     def on_replace(self, sig: Any) -> Any:
         """Hand this task's lock to the replacement, which runs under the same task id."""
         run: Run | None = self.request.__dict__.get(RUN_ATTR)
+        # The replacement goes out now, even inside a fan_out() block: the
+        # Ignore that replace() raises next would make the block drop it.
         if run is None:
-            return super().on_replace(sig)
-        return hand_over(self, run, sig, lambda: super(UniqueTask, self).on_replace(sig))
+            return outside_block(lambda: super(UniqueTask, self).on_replace(sig))
+        return outside_block(
+            lambda: hand_over(self, run, sig, lambda: super(UniqueTask, self).on_replace(sig))
+        )
 
     # -- internals --------------------------------------------------------------------------------
 

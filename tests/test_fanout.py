@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
-from celery import chain, chord, group, states
+from celery import Celery, chain, chord, group, states
+from celery.exceptions import SoftTimeLimitExceeded
 
-from celery_unique import DuplicateTaskError, fan_out
+from celery_unique import DuplicateTaskError, LockStoreError, UniqueTask, apply_many, events, fan_out
+from celery_unique.lock import LockStore
 from tests.conftest import wait_until
 from tests.test_bulk import script_calls
 from tests.test_protocol_faults import load_scripts
@@ -139,3 +142,152 @@ def test_a_worker_runs_a_chord_whose_refused_member_fails_it_promptly(
     assert done.get(timeout=20) == "report ['report 10 daily', 'report 11 daily', 'report 12 daily'] daily"
     wait_until(lambda: all(locks.get(key_of(tasks, i)) is None for i in range(10, 13)), what="released")
     held.revoke()
+
+
+def test_calls_a_raising_block_dropped_are_revoked_so_nothing_waits_on_them(
+    tasks: SimpleNamespace, broker: redis.Redis
+) -> None:
+    """What a raising block sent never runs: their results say REVOKED; the chord fails."""
+    sent: dict[str, Any] = {}
+
+    def send_then_fail() -> None:
+        with fan_out():
+            sent["group"] = group(tasks.send_report.s(i).set(unique=60) for i in range(2)).apply_async()
+            header = [tasks.send_report.s(i).set(unique=60) for i in range(2, 4)]
+            sent["chord"] = chord(header, tasks.send_report.s()).apply_async()
+            raise RuntimeError("changed my mind")
+
+    with pytest.raises(RuntimeError):
+        send_then_fail()
+    assert broker.llen("celery") == 0
+    assert [r.state for r in sent["group"].results] == [states.REVOKED, states.REVOKED]
+    with pytest.raises(Exception, match="fan_out"):
+        sent["chord"].get(timeout=10)
+
+
+def test_an_inner_block_that_raises_drops_its_calls_from_the_outer_block(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """The outer block catches the inner one's error: only the calls made outside the inner one are sent."""
+    with fan_out():
+        kept = group(tasks.send_report.s(i).set(unique=60) for i in range(2)).apply_async()
+        try:
+            with fan_out():
+                group(tasks.send_report.s(i).set(unique=60) for i in range(2, 5)).apply_async()
+                raise RuntimeError("inner changed its mind")
+        except RuntimeError:
+            pass
+    assert broker.llen("celery") == 2
+    expected = [r.id.encode() for r in kept.results] + [None] * 3
+    assert [locks.get(key_of(tasks, i)) for i in range(5)] == expected
+
+
+def test_a_call_made_after_the_block_in_a_context_copied_inside_it_is_sent(
+    tasks: SimpleNamespace, broker: redis.Redis
+) -> None:
+    """An asyncio task made in the block that sends after it ended sends at once, not into a spent batch."""
+
+    async def later() -> Any:
+        await asyncio.sleep(0.05)
+        return group(tasks.send_report.s(i).set(unique=60) for i in range(3)).apply_async()
+
+    async def main() -> Any:
+        with fan_out():
+            sending = asyncio.create_task(later())
+        return await sending
+
+    asyncio.run(main())
+    assert broker.llen("celery") == 3
+
+
+@pytest.fixture
+def replacer(celery_app: Celery, tasks: SimpleNamespace) -> Any:
+    """A task that replaces itself by a group of ``send_report`` calls inside a block."""
+
+    @celery_app.task(base=UniqueTask, name="tests.fan_out_replacer", bind=True, shared=False)
+    def replacer(self: UniqueTask, n: int) -> Any:
+        with fan_out():
+            return self.replace(group(tasks.send_report.s(i).set(unique=60) for i in range(n)))
+
+    return replacer
+
+
+def test_a_replacement_sent_in_a_block_goes_out(replacer: Any, locks: redis.Redis, worker: Any) -> None:
+    """A task that replaces itself by a group inside a block: the group runs and the task's lock goes."""
+    result = replacer.apply_async((3,), unique=60)
+    assert result.get(timeout=15) == [f"report {i} daily" for i in range(3)]
+    wait_until(lambda: locks.get(replacer.lock_key((3,), {}, {})) is None, what="the replaced task's lock")
+
+
+def test_a_time_limit_stops_the_batch_and_gives_back_the_locks_not_sent(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A soft time limit at the second publish stops the batch: one message, the rest's locks given back."""
+    published: list[str] = []
+    real = UniqueTask._publish
+
+    def publish(self: UniqueTask, call: Any) -> Any:
+        published.append(call.lock_id)
+        if len(published) == 2:
+            raise SoftTimeLimitExceeded()
+        return real(self, call)
+
+    monkeypatch.setattr(UniqueTask, "_publish", publish)
+    with pytest.raises(SoftTimeLimitExceeded):
+        apply_many([tasks.send_report.s(i).set(unique=60) for i in range(4)])
+    assert broker.llen("celery") == 1
+    assert [locks.get(key_of(tasks, i)) for i in range(1, 4)] == [None] * 3
+
+
+def test_an_interruption_while_the_batch_script_runs_gives_every_lock_back(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the script took the locks, before its reply was read: no message, and no lock left."""
+    real = LockStore._call
+
+    def call(self: LockStore, script: Any, keys: Any, args: Any) -> Any:
+        reply = real(self, script, keys, args)
+        if script is self._acquire_many:
+            raise KeyboardInterrupt
+        return reply
+
+    monkeypatch.setattr(LockStore, "_call", call)
+    with pytest.raises(KeyboardInterrupt):
+        apply_many([tasks.send_report.s(i).set(unique=600) for i in range(3)])
+    monkeypatch.undo()
+    assert broker.llen("celery") == 0
+    assert [locks.get(key_of(tasks, i)) for i in range(3)] == [None] * 3
+
+
+def test_a_batch_lock_store_error_is_counted_per_call(
+    tasks: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose script fails counts one lock-store error per call, as single calls do."""
+    counted: list[str] = []
+    monkeypatch.setattr(events, "store_error", lambda task: counted.append(task.name))
+    real = LockStore._call
+
+    def call(self: LockStore, script: Any, keys: Any, args: Any) -> Any:
+        if script is self._acquire_many:
+            raise redis.ConnectionError("lost")
+        return real(self, script, keys, args)
+
+    monkeypatch.setattr(LockStore, "_call", call)
+    outcomes = apply_many([tasks.send_report.s(i).set(unique=60) for i in range(2)])
+    assert [type(outcome) for outcome in outcomes] == [LockStoreError, LockStoreError]
+    assert counted == [tasks.send_report.name] * 2
+
+
+def test_a_call_that_takes_no_lock_goes_out_as_it_is_made(
+    tasks: SimpleNamespace, broker: redis.Redis
+) -> None:
+    """A UniqueTask member sent without unique= is not deferred: a block that raises has sent it already."""
+
+    def send_then_fail() -> None:
+        with fan_out():
+            group(tasks.send_report.s(1), tasks.send_report.s(2).set(unique=60)).apply_async()
+            raise RuntimeError("changed my mind")
+
+    with pytest.raises(RuntimeError):
+        send_then_fail()
+    assert broker.llen("celery") == 1
