@@ -469,6 +469,11 @@ def _acquire(call: Call, store: LockStore, lock_ttl_ms: int) -> str | None:
             # server it would wait out a second timeout first.
             clean_up_later(store, call.key, task_id, call.nonce or "")
         raise LockStoreError.from_error(call.task.name, call.key, exc) from exc
+    except BaseException:
+        # Interrupted between the script and its reply (Ctrl-C, a worker's
+        # time limit): the lock may be taken, for an id never published.
+        release_quietly(store, call.key, task_id, call.nonce or "")
+        raise
 
 
 def _fail_open(call: Call, error: LockStoreError) -> None:

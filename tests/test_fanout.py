@@ -291,3 +291,23 @@ def test_a_call_that_takes_no_lock_goes_out_as_it_is_made(
     with pytest.raises(RuntimeError):
         send_then_fail()
     assert broker.llen("celery") == 1
+
+
+def test_an_interruption_while_a_single_acquire_runs_gives_the_lock_back(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after a call's acquire took the lock, before its reply was read: no message, no lock left."""
+    real = LockStore._own_call
+
+    def call(self: LockStore, script: Any, keys: Any, args: Any) -> Any:
+        reply = real(self, script, keys, args)
+        if script is self._acquire:
+            raise KeyboardInterrupt
+        return reply
+
+    monkeypatch.setattr(LockStore, "_own_call", call)
+    with pytest.raises(KeyboardInterrupt):
+        tasks.send_report.apply_async((1,), unique=600)
+    monkeypatch.undo()
+    assert broker.llen("celery") == 0
+    assert locks.get(key_of(tasks, 1)) is None
