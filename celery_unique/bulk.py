@@ -217,19 +217,18 @@ def _acquire_all(locked: list[tuple[Call, int]]) -> dict[int, str | LockStoreErr
         by_store.setdefault(id(store), (store, []))[1].append(entry)
     for store, entries in by_store.values():
         claims = [(call.key, call.lock_id, ttl_ms, call.nonce) for call, ttl_ms in entries]
-        try:
-            holders = store.acquire_many(claims)
-        except AcquireError as failure:
-            for call, _ in entries:
-                events.store_error(call.task)
-                # Any of them may have been taken; none is published, so an
-                # owner-checked release is always safe.
-                clean_up_later(store, call.key, call.lock_id, call.nonce or "")
-                error = LockStoreError.from_error(call.task.name, call.key, failure.error)
-                error.__cause__ = failure.error
-                answers[id(call)] = error
-            continue
+        holders = store.acquire_many(claims)
         for (call, _), holder in zip(entries, holders, strict=True):
+            if isinstance(holder, AcquireError):
+                # Its slot's script call failed (on a Cluster, the others'
+                # stand): its lock may have been taken; it is not published,
+                # so an owner-checked release is always safe.
+                events.store_error(call.task)
+                clean_up_later(store, call.key, call.lock_id, call.nonce or "")
+                error = LockStoreError.from_error(call.task.name, call.key, holder.error)
+                error.__cause__ = holder.error
+                answers[id(call)] = error
+                continue
             answers[id(call)] = holder
     return answers
 

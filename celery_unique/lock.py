@@ -771,19 +771,22 @@ return false
         except AcquireError as failure:
             raise failure.error from None
 
-    def acquire_many(self, claims: Sequence[tuple[str, str, int, str | None]]) -> list[str | None]:
+    def acquire_many(
+        self, claims: Sequence[tuple[str, str, int, str | None]]
+    ) -> list[str | AcquireError | None]:
         """Take each ``(key, task_id, ttl_ms, nonce)`` lock as :meth:`acquire` would, in one step.
 
         Returns, per claim and in order, None if taken, else the holder (see
         ACQUIRE_MANY_SCRIPT): one script call on a server or Sentinel, one
-        per hash slot on a Cluster. Raises :class:`AcquireError` if Redis
-        fails; any of the locks may then have been taken.
+        per hash slot on a Cluster. A claim whose script call failed gets
+        that failure, an :class:`AcquireError` (its lock may have been
+        taken); the other slots' claims keep their answers.
         """
         batches: dict[int, list[int]] = {}
         for index, (key, _, _, _) in enumerate(claims):
             slot = self.client.keyslot(key) if self.cluster else 0  # type: ignore[union-attr]
             batches.setdefault(slot, []).append(index)
-        answers: list[str | None] = [None] * len(claims)
+        answers: list[str | AcquireError | None] = [None] * len(claims)
         for indexes in batches.values():
             keys: list[str] = []
             args: list[str | int] = []
@@ -796,7 +799,11 @@ return false
             try:
                 reply = self._call(self._acquire_many, keys, args)
             except redis.RedisError as exc:
-                raise AcquireError(exc, maybe_applied=True) from exc
+                failure = AcquireError(exc, maybe_applied=True)
+                failure.__cause__ = exc
+                for index in indexes:
+                    answers[index] = failure
+                continue
             for index, holder in zip(indexes, reply, strict=True):
                 answers[index] = _text(holder) or None
         return answers
@@ -920,12 +927,15 @@ return false
 
     def _call(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         # EVALSHA first; a server that lost its scripts gets the script
-        # itself. Every script is safe to send twice, so redis-py's retry of
-        # a dropped connection (and a Cluster's redirection) is harmless.
+        # itself (EVAL, which caches it there). Every script is safe to send
+        # twice, so redis-py's retry of a dropped connection (and a Cluster's
+        # redirection) is harmless. Not SCRIPT LOAD: on a Cluster redis-py
+        # sends it to every primary, and one that is down would fail a call
+        # that never needed it.
         try:
             return self.client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return script(keys=keys, args=args)
+            return self.client.eval(script.script, len(keys), *keys, *args)
 
     def _own_call(self, script: Any, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         assert self._own is not None
