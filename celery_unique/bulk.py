@@ -49,7 +49,7 @@ from celery.result import AsyncResult
 from . import enqueue, events
 from .call import Call
 from .cleanup import clean_up_later, release_quietly
-from .errors import LockStoreError, UniqueTaskError
+from .errors import InvalidCallError, LockStoreError, UniqueTaskError
 from .fanout import Batch, deferred
 from .headers import drop_own_headers
 from .lock import AcquireError
@@ -150,7 +150,12 @@ def fan_out() -> Iterator[None]:
     finally:
         batch.open = False
         deferred.reset(token)
-    for outcome in apply_many(batch.calls):
+    try:
+        outcomes = apply_many(batch.calls)
+    except InvalidCallError:
+        _revoke(batch.calls)  # a bad option: raised before any of them was locked or sent
+        raise
+    for outcome in outcomes:
         if isinstance(outcome, Exception):
             raise outcome
 

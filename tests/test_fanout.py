@@ -11,7 +11,15 @@ import redis
 from celery import Celery, chain, chord, group, states
 from celery.exceptions import SoftTimeLimitExceeded
 
-from celery_unique import DuplicateTaskError, LockStoreError, UniqueTask, apply_many, events, fan_out
+from celery_unique import (
+    DuplicateTaskError,
+    LockStoreError,
+    UniqueTask,
+    UniqueValueError,
+    apply_many,
+    events,
+    fan_out,
+)
 from celery_unique.lock import LockStore
 from tests.conftest import wait_until
 from tests.test_bulk import script_calls
@@ -311,3 +319,21 @@ def test_an_interruption_while_a_single_acquire_runs_gives_the_lock_back(
     monkeypatch.undo()
     assert broker.llen("celery") == 0
     assert locks.get(key_of(tasks, 1)) is None
+
+
+def test_a_bad_option_in_a_block_sends_nothing_and_leaves_nothing_waiting(
+    tasks: SimpleNamespace, locks: redis.Redis, broker: redis.Redis
+) -> None:
+    """A bad unique value fails the block at its end: nothing locked or sent, and every result REVOKED."""
+    sent: dict[str, Any] = {}
+
+    def send() -> None:
+        with fan_out():
+            members = [tasks.send_report.s(1).set(unique=60), tasks.send_report.s(2).set(unique=-1)]
+            sent["group"] = group(members).apply_async()
+
+    with pytest.raises(UniqueValueError, match="send_report"):
+        send()
+    assert locks.dbsize() == 0
+    assert broker.llen("celery") == 0
+    assert [r.state for r in sent["group"].results] == [states.REVOKED, states.REVOKED]
