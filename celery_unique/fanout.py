@@ -45,13 +45,17 @@ class Batch:
 deferred: ContextVar[Batch | None] = ContextVar("celery_unique_fan_out", default=None)
 
 
-def outside_block(call: Callable[[], Any]) -> Any:
-    """Run ``call`` with no block open: what it sends goes out at once (a ``Task.replace()`` does)."""
+def outside_block(call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)`` with no block open: what it sends goes out at once.
+
+    A ``Task.replace()`` sends its replacement so: the ``Ignore`` it raises
+    next would make an open block drop the replacement.
+    """
     if deferred.get() is None:
-        return call()
+        return call(*args)
     token = deferred.set(None)
     try:
-        return call()
+        return call(*args)
     finally:
         deferred.reset(token)
 

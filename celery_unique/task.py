@@ -247,15 +247,11 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
             run.stored = state
 
     def on_replace(self, sig: Any) -> Any:
-        """Hand this task's lock to the replacement, which runs under the same task id."""
+        """Hand this task's lock to the replacement, sent at once (even in a ``fan_out()`` block)."""
         run: Run | None = self.request.__dict__.get(RUN_ATTR)
-        # The replacement goes out now, even inside a fan_out() block: the
-        # Ignore that replace() raises next would make the block drop it.
         if run is None:
-            return outside_block(lambda: super(UniqueTask, self).on_replace(sig))
-        return outside_block(
-            lambda: hand_over(self, run, sig, lambda: super(UniqueTask, self).on_replace(sig))
-        )
+            return outside_block(super().on_replace, sig)
+        return outside_block(hand_over, self, run, sig, lambda: super(UniqueTask, self).on_replace(sig))
 
     # -- internals --------------------------------------------------------------------------------
 
