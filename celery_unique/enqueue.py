@@ -330,6 +330,9 @@ def decide(
             try:
                 holder = take_over_if_finished(task, store, backend, claim)
             except redis.RedisError as exc:
+                # The take-over may have been applied, for an id that goes
+                # out unlocked or not at all: given back, owner-checked.
+                clean_up_later(store, call.key, task_id, call.nonce or "")
                 events.store_error(task)
                 error = LockStoreError.from_error(task.name, call.key, exc)
                 error.__cause__ = exc
@@ -376,6 +379,8 @@ def decide_slots(
             try:
                 taken = take_over_any_finished(task, store, backend, claims)
             except redis.RedisError as exc:
+                for key in slots:  # as in decide(): any of them may have been taken over
+                    clean_up_later(store, key, call.lock_id, call.nonce or "")
                 events.store_error(task)
                 error = LockStoreError.from_error(task.name, call.key, exc)
                 error.__cause__ = exc

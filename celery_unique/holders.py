@@ -155,16 +155,17 @@ class Claim(NamedTuple):
 
 
 def take_over_if_finished(task: Any, store: LockStore, backend: Any, claim: Claim) -> str | None:
-    """Give the lock to ``claim.task_id`` if its holder has finished; None if given.
+    """Take ``claim``'s lock over if its holder has finished; None if taken, else the holder that stands.
 
-    Returns the holder's id while it stands. An empty ``task_id`` releases
-    the lock instead (the reaper's use). ``task`` (or a task name) names the
-    call for the log line and the ``lock_taken_over`` signal.
+    An empty ``claim.task_id`` deletes the lock instead (the reaper's use).
+    ``task`` (or a task name) names the call for the log line and the
+    ``lock_taken_over`` signal.
     """
     state = stored_state(backend, claim.holder)
     if not finished(state, claim.until):
         return claim.holder
-    return _take_over_finished(task, store, claim, state)
+    taken, answer = _take_over_first(task, store, [(claim, state)])
+    return None if taken is not None else answer
 
 
 def take_over_any_finished(
@@ -174,42 +175,59 @@ def take_over_any_finished(
 
     One claim per held slot, slot 1 first; their states are read at once
     (:func:`stored_states`). Each finished holder's slot is taken over as
-    :func:`take_over_if_finished` takes a lock over, until one is given.
-    None while every holder stands.
+    :func:`take_over_if_finished` takes a lock over, and holders that are
+    ending share one wait. None while every holder stands.
     """
     try:
         found = stored_states(backend, [claim.holder for claim in claims])
     except Exception:  # a backend that is down: the holders stand
         return None
-    for claim in claims:
-        state = found.get(claim.holder)
-        if finished(state, claim.until) and _take_over_finished(task, store, claim, state) is None:
-            return claim
-    return None
+    candidates = [(claim, found.get(claim.holder)) for claim in claims]
+    taken, _ = _take_over_first(task, store, [c for c in candidates if finished(c[1], c[0].until)])
+    return taken
 
 
-def _take_over_finished(task: Any, store: LockStore, claim: Claim, state: str | None) -> str | None:
-    key, holder = claim.key, claim.holder
+def _take_over_first(
+    task: Any, store: LockStore, candidates: list[tuple[Claim, str | None]]
+) -> tuple[Claim | None, str | None]:
+    # Take over the first candidate (a claim whose holder's state says
+    # finished) that TAKE_OVER gives: return it, or None and the first
+    # candidate's last answer. A marked copy that stored its result is
+    # ending: its end follows within moments. Its marker is waited on for
+    # a bounded while, one wait shared by every such holder (only here,
+    # where a finished state and a running marker meet), never taken over:
+    # the state might be an earlier attempt's (a retry with throw=False).
+    answers: dict[int, str | None] = {}
 
-    def take() -> str | None:
-        return store.take_over(key, holder, claim.task_id, claim.ttl_ms, claim.nonce,
-                               replaceable=claim.replaceable, others=claim.others)
+    def take(index: int) -> bool:
+        claim, state = candidates[index]
+        answers[index] = _take(store, claim)
+        if answers[index] is None:
+            events.taken_over(task, claim.key, claim.holder, claim.task_id, state)
+        return answers[index] is None
 
-    answer = take()
-    # A marked copy that stored its result is ending: its end follows within
-    # moments. Its marker is waited on for a bounded while (only here, where
-    # a finished state and a running marker meet), never taken over: the
-    # state might be an earlier attempt's (a retry with throw=False).
+    for index in range(len(candidates)):
+        if take(index):
+            return candidates[index][0], None
+    ending = [i for i in range(len(candidates)) if answers[i] == candidates[i][0].holder]
     for pause in _ENDING_PAUSES:
-        if answer != holder:
-            break
-        if not marker_says_running(store.marker(key, holder)):
-            # The end may have come between the refusal and this read: the
-            # script, atomic, answers once more for the state as it is now.
-            answer = take()
+        running = []
+        for index in ending:
+            claim = candidates[index][0]
+            if marker_says_running(store.marker(claim.key, claim.holder)):
+                running.append(index)
+            elif take(index):  # its end came between the refusal and the read
+                return claim, None
+        if not running:
             break
         time.sleep(pause)
-        answer = take()
-    if answer is None:
-        events.taken_over(task, key, holder, claim.task_id, state)
-    return answer
+        for index in running:
+            if take(index):
+                return candidates[index][0], None
+        ending = [i for i in running if answers[i] == candidates[i][0].holder]
+    return None, answers.get(0)
+
+
+def _take(store: LockStore, claim: Claim) -> str | None:
+    return store.take_over(claim.key, claim.holder, claim.task_id, claim.ttl_ms, claim.nonce,
+                           replaceable=claim.replaceable, others=claim.others)

@@ -128,6 +128,8 @@ def former_marker_key(lock_key: str, task_id: str) -> str:
 
 #: What joins a lock key and the number of one of its slots 2..N (``unique_limit``).
 SLOT_SEPARATOR = "~"
+#: A slot number as slot_key() writes it: ASCII digits, 2 or more, no leading zero.
+_SLOT_NUMBER = re.compile(r"[2-9]|[1-9][0-9]+")
 
 
 def slot_key(lock_key: str, slot: int) -> str:
@@ -149,7 +151,7 @@ def slot_keys(lock_key: str, limit: int) -> list[str]:
 def slot_of(key: str) -> tuple[str, int]:
     """Split a lock or slot key into the lock key and the slot number (1 for a lock key itself)."""
     head, separator, number = key.rpartition(SLOT_SEPARATOR)
-    if separator and number.isdigit() and ":" not in number and int(number) >= 2:
+    if separator and _SLOT_NUMBER.fullmatch(number):
         return head, int(number)
     return key, 1
 

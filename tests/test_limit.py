@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -15,14 +16,16 @@ from celery import Celery, group, states
 from celery_unique import (
     ConfigurationError,
     DuplicateTaskError,
+    LockStoreError,
     UniqueLocks,
     UniqueTask,
     UniqueTypeError,
     UniqueValueError,
     apply_many,
+    holders,
 )
 from celery_unique.config import lock_store
-from celery_unique.keys import parse_key, slot_key, slot_of
+from celery_unique.keys import marker_key, parse_key, slot_key, slot_of
 from celery_unique.lock import LockStore
 from celery_unique.testing import RedisServer
 from tests.conftest import BROKER_DB, LOCK_DB, wait_until
@@ -402,3 +405,70 @@ def test_a_run_sees_its_own_slot_and_a_retry_keeps_it(
     retried = [tasks.flaky.apply_async((2,), unique=60, unique_limit=2) for _ in range(2)]
     assert [r.get(timeout=15) for r in retried] == [1, 1]
     wait_until(lambda: locks.dbsize() == 0, what="every slot freed after the retries")
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_a_take_over_whose_reply_is_lost_twice_gives_the_slot_back(
+    redis_server: RedisServer, limit: int
+) -> None:
+    """TAKE_OVER ran, and its reply and its resend's were lost: the call fails, and the slot is not its."""
+    with ReplyDropper(redis_server.port) as dropper:
+        app = app_behind(dropper, redis_server.url, f"lost-twice-{limit}")
+
+        @app.task(base=UniqueTask, name=f"tests.lost_twice_{limit}", unique=60, unique_limit=limit,
+                  shared=False)
+        def twice(x: int) -> int:
+            return x
+
+        key = twice.lock_key((1,), {}, {})
+        store = lock_store(app)
+        for slot in range(1, limit + 1):
+            assert store.acquire(slot_key(key, slot), f"holder-{slot}", 60_000) is None
+        app.backend.mark_as_done(f"holder-{limit}", 1)  # the last slot's holder finished
+        load_scripts(redis_server.client(LOCK_DB))
+        script = sha(LockStore.TAKE_OVER_SCRIPT)
+        dropper.arm(b"EVALSHA", script)
+
+        def rearm() -> None:
+            dropper.dropped.wait(10)
+            dropper.arm(b"EVALSHA", script)
+
+        threading.Thread(target=rearm, daemon=True).start()
+        with pytest.raises(LockStoreError):
+            twice.delay(1)
+        locks = redis_server.client(LOCK_DB)
+        last = slot_key(key, limit)
+        wait_until(lambda: locks.get(last) in (None, f"holder-{limit}".encode()), what="the slot given back")
+        app.close()
+
+
+def test_ending_holders_of_every_slot_share_one_wait(
+    celery_app: Celery, locks: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three holders that stored SUCCESS but still run: the call waits one schedule of pauses, not three."""
+
+    @celery_app.task(base=UniqueTask, name="tests.ending_slots", unique=60, unique_limit=3, shared=False)
+    def ending(x: int) -> int:
+        return x
+
+    key = ending.lock_key((1,), {}, {})
+    store = lock_store(celery_app)
+    for slot in range(1, 4):
+        held = slot_key(key, slot)
+        assert store.acquire(held, f"h{slot}", 60_000) is None
+        celery_app.backend.mark_as_done(f"h{slot}", 1)
+        deadline = int(time.time() * 1000) + 60_000
+        locks.set(marker_key(held, f"h{slot}"), f"r|0|1||{deadline}|w@x/1|m:1", px=60_000)
+    pauses: list[float] = []
+    monkeypatch.setattr(holders.time, "sleep", pauses.append)
+    with pytest.raises(DuplicateTaskError):
+        ending.delay(1)
+    assert pauses == list(holders._ENDING_PAUSES)
+
+
+@pytest.mark.parametrize("suffix", ["~\u00b2", "~\u0662", "~02", "~1", "~"])
+def test_only_a_slot_key_as_written_names_a_slot(suffix: str) -> None:
+    """A suffix slot_key() never writes (a non-ASCII digit, a leading zero, 1) is part of the digest."""
+    key = "unique:celery:t:abc" + suffix
+    assert slot_of(key) == (key, 1)
+    assert slot_of("unique:celery:t:abc~12") == ("unique:celery:t:abc", 12)
