@@ -300,6 +300,10 @@ class ProtocolMachine(RuleBasedStateMachine):
           throttle=st.sampled_from((False, False, False, True)), limit=st.sampled_from(LIMITS))
     def enqueue_limited(self, chosen: str | None, resend: bool, throttle: bool, limit: int) -> None:
         """A call with unique_limit (ACQUIRE_SLOT), maybe resent; refused, it takes over a finished slot."""
+        # Calls of one key share one limit (docs/protocol.md, "Bounds"): a
+        # chosen id under a lower limit could hold a slot above it too.
+        # Generated ids, which never repeat, mix limits safely.
+        limit = LIMITS[-1] if chosen else limit
         task_id = chosen or f"gen-{next(self.generated)}"
         nonce = f"n{next(self.numbers)}" if chosen else ""
         slots = LIMIT_SLOTS[:limit]
@@ -342,6 +346,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule(data=st.data(), chosen=st.sampled_from((None, *CHOSEN_IDS)), limit=st.sampled_from(LIMITS))
     def slot_take_over(self, data: st.DataObject, chosen: str | None, limit: int) -> None:
         """A call refused by full slots takes a finished slot over, after another call of its id took one."""
+        limit = LIMITS[-1] if chosen else limit  # one limit per key for a chosen id, as in enqueue_limited
         slots = LIMIT_SLOTS[:limit]
         finished = [(slot, held) for slot, held in self.finished_slots() if slot in slots]
         if not finished:
