@@ -347,8 +347,11 @@ def test_describe_tells_what_each_holder_is_doing(
     failed = tasks.fail.apply_async((1,), unique=60)  # unique_until="success": kept on FAILURE
     done = tasks.send_report.apply_async((2,), unique=60)
     wait_until(lambda: failed.state == "FAILURE" and done.state == "SUCCESS", what="both ended")
-    # A release that never happened (a worker without celery_unique): put it back.
-    locks.set(tasks.send_report.lock_key((2,), None, {}), done.id, px=60_000)
+    # A release that never happened (a worker without celery_unique): put it
+    # back, once the real one (just after the result is stored) is done.
+    done_key = tasks.send_report.lock_key((2,), None, {})
+    wait_until(lambda: locks.get(done_key) is None, what="the release after SUCCESS")
+    locks.set(done_key, done.id, px=60_000)
     queued = tasks.send_report.apply_async((3,), unique=60, queue="nobody")
     chosen = tasks.send_report.apply_async((4,), unique=60, queue="nobody", task_id="report-4")
     running = celery_app.tasks["tests.gated"].apply_async((5,), unique=60)
