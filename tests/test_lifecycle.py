@@ -59,7 +59,9 @@ def test_sigusr1_survivor_keeps_its_lock_until_it_ends(
             assert refused(app, "life.survivor", ("usr1",), kwargs={"after": 0.2})
             time.sleep(1)
         scratch.set("go:usr1", 1)
-        wait_until(lambda: stored(app, result.id) == states.SUCCESS, timeout=25, what="success after surviving")
+        wait_until(
+            lambda: stored(app, result.id) == states.SUCCESS, timeout=25, what="success after surviving"
+        )
         key = lock_of(app, "life.survivor", ("usr1",), {"after": 0.2})
         wait_until(lambda: not locks.exists(key), what="released")
         assert not refused(app, "life.survivor", ("usr1",), kwargs={"after": 0.2})
