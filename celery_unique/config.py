@@ -33,9 +33,11 @@ from .options import (
     ON_DUPLICATE,
     ON_STORE_ERROR,
     UNTIL,
+    WHILE_RUNNING,
     OnDuplicate,
     OnStoreError,
     Until,
+    WhileRunning,
     check_limit,
 )
 from .redis_url import (
@@ -121,6 +123,8 @@ class UniqueConfig:
     max_wait: Any = None
     #: App-wide default of the ``unique_limit`` option: calls with one key queued or running at once.
     limit: int = 1
+    #: App-wide default of the ``unique_while_running`` option.
+    while_running: WhileRunning = "refuse"
     #: Seconds a running marker lives without a heartbeat (renewed every third
     #: of it): how long a copy of a task id waits after its worker died.
     running_ttl: float = 30.0
@@ -190,10 +194,12 @@ class UniqueConfig:
         until = conf.get("unique_until") or cls.until
         on_duplicate = conf.get("unique_on_duplicate") or cls.on_duplicate
         on_store_error = conf.get("unique_on_store_error") or cls.on_store_error
+        while_running = conf.get("unique_while_running") or cls.while_running
         for setting, value, choices in (
             ("unique_until", until, UNTIL),
             ("unique_on_duplicate", on_duplicate, ON_DUPLICATE),
             ("unique_on_store_error", on_store_error, ON_STORE_ERROR),
+            ("unique_while_running", while_running, WHILE_RUNNING),
         ):
             if value not in choices:
                 raise ConfigurationError(
@@ -225,6 +231,7 @@ class UniqueConfig:
             on_duplicate=on_duplicate,
             on_store_error=on_store_error,
             max_wait=max_wait,
+            while_running=while_running,
             redis_url=url,
             key_prefix=prefix,
             socket_timeout=float(timeout),

@@ -22,7 +22,7 @@ from .task import UniqueTask
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .options import OnDuplicate, OnStoreError, UniqueOn, Until
+    from .options import OnDuplicate, OnStoreError, UniqueOn, Until, WhileRunning
 
 __all__ = ["unique_task"]
 
@@ -42,6 +42,7 @@ def unique_task(
     unique_on_store_error: OnStoreError | None = ...,
     unique_max_wait: float | timedelta | None = ...,
     unique_limit: int | None = ...,
+    unique_while_running: WhileRunning | None = ...,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], _T]: ...
 
@@ -57,6 +58,7 @@ def unique_task(
     unique_on_store_error: OnStoreError | None = ...,
     unique_max_wait: float | timedelta | None = ...,
     unique_limit: int | None = ...,
+    unique_while_running: WhileRunning | None = ...,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], UniqueTask]: ...
 
@@ -72,6 +74,7 @@ def unique_task(
     unique_on_store_error: OnStoreError | None = _UNSET,
     unique_max_wait: float | timedelta | None = _UNSET,
     unique_limit: int | None = _UNSET,
+    unique_while_running: WhileRunning | None = _UNSET,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], UniqueTask]:
     """Return ``app.task`` (or ``shared_task``) for a ``UniqueTask``, typed.
@@ -89,6 +92,7 @@ def unique_task(
         "unique_on_store_error": unique_on_store_error,
         "unique_max_wait": unique_max_wait,
         "unique_limit": unique_limit,
+        "unique_while_running": unique_while_running,
     }
     options.update((name, value) for name, value in given.items() if value is not _UNSET)
     decorator: Callable[[Callable[..., Any]], UniqueTask] = (

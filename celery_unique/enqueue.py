@@ -66,6 +66,7 @@ from .options import (
     ON_STORE_ERROR,
     OPTION_NAMES,
     UNTIL,
+    WHILE_RUNNING,
     UniqueOptions,
     check_choice,
     check_limit,
@@ -132,12 +133,15 @@ def resolve_options(
     limit = requested.get("unique_limit", task.unique_limit)
     if limit is None:
         limit = config.limit
+    while_running = (
+        requested.get("unique_while_running") or task.unique_while_running or config.while_running
+    )
     # Checked once per distinct combination: calls repeat a handful of them.
     cache: dict[Any, UniqueOptions] = task.__dict__.setdefault("_unique_options", {})
     try:
         cache_key: Any = (
             ttl, type(ttl), until, on_duplicate, on_store_error, max_wait, type(max_wait),
-            unique_on, type(unique_on), limit, type(limit),
+            unique_on, type(unique_on), limit, type(limit), while_running,
         )
         return cache[cache_key]
     except TypeError:  # an unhashable unique_on (a list): checked every time
@@ -153,6 +157,7 @@ def resolve_options(
         on_store_error=check_choice(name, "unique_on_store_error", on_store_error, ON_STORE_ERROR),
         max_wait_ms=max_wait_ms(name, max_wait),
         limit=check_limit(name, limit),
+        while_running=check_choice(name, "unique_while_running", while_running, WHILE_RUNNING),
     )
     if options.limit > 1:
         check_slots(name, options, config, task._get_app())
@@ -248,12 +253,15 @@ def _replaces(call: Call) -> bool:
 def _replace(call: Call, lock_ttl_ms: int) -> LockStore | AsyncResult[Any] | None:
     # on_duplicate="replace": REPLACE_SCRIPT takes the lock, dropping a
     # holder that has not begun; a holder that has begun refuses the call,
-    # after the holder check, as "raise" does.
+    # after the holder check, as "raise" does, unless the call waits for it
+    # (unique_while_running="queue_one"): it is then published at once, and
+    # held back as it begins until the lock is free.
     task = call.task
     try:
         store = lock_store(call)
         try:
-            answer = store.replace(call.key, call.lock_id, lock_ttl_ms, call.nonce or "")
+            queue_one = call.unique.while_running == "queue_one"
+            answer = store.replace(call.key, call.lock_id, lock_ttl_ms, call.nonce or "", queue_one=queue_one)
         except redis.RedisError as exc:
             events.store_error(task)
             clean_up_later(store, call.key, call.lock_id, call.nonce or "")

@@ -89,6 +89,11 @@ RUN_ATTR = "_celery_unique_run"
 _REPLACED = "Replaced by new task"
 # Verdicts of a run's beginning that let the body run.
 _RUNS = frozenset({"run", "stray"})
+#: A copy that waits for its lock (``unique_while_running="queue_one"``)
+#: tries again after this many seconds, twice as long each time, up to
+#: BEHIND_MOST: how long, at most, it lags its holder's end.
+BEHIND_FIRST = 0.5
+BEHIND_MOST = 5.0
 
 #: Set while UniqueTask.apply_async runs a task eagerly (task_always_eager):
 #: ``[task id it locked, whether the run began]``, so that apply() does not
@@ -404,22 +409,37 @@ def hold_back(task: Task, run: Run, request: Any, args: Any, kwargs: Any) -> Ign
     A copy of an attempt another copy runs is published again, with a
     countdown until that copy's marker would expire, and runs then unless
     that copy has ended; its message is then acknowledged, so the task is
-    never lost.
+    never lost. So is a call that waits for its lock while another holds it
+    (``unique_while_running="queue_one"``), after a countdown that grows
+    from BEHIND_FIRST to BEHIND_MOST seconds.
     """
-    if run.verdict == "wait":
-        countdown = max(1.0, getattr(run, "wait_ms", 0) / 1000)
-        logger.info(
-            "celery_unique: task %s[%s] is already running elsewhere; this copy runs again in %gs "
-            "if that one has not finished by then", task.name, run.task_id, countdown,
-        )
+    if run.verdict in ("wait", "behind"):
+        held = headers_of(request) or {}
+        times = held.get(HELD_HEADER)
+        times = times if isinstance(times, int) and not isinstance(times, bool) else 0
+        if run.verdict == "wait":
+            countdown = max(1.0, getattr(run, "wait_ms", 0) / 1000)
+            logger.info(
+                "celery_unique: task %s[%s] is already running elsewhere; this copy runs again in %gs "
+                "if that one has not finished by then", task.name, run.task_id, countdown,
+            )
+        else:
+            # Waiting for the holder's end: soon at first, then less often.
+            countdown = min(BEHIND_FIRST * 2 ** min(times, 16), BEHIND_MOST)
+            logger.info(
+                "celery_unique: task %s[%s] waits for the call that holds its lock; it tries again in %gs",
+                task.name, run.task_id, countdown,
+            )
         signature = task.signature_from_request(request, args, kwargs, countdown=countdown)
-        headers = {**(signature.options.get("headers") or {}), HELD_HEADER: 1}
+        headers = {**(signature.options.get("headers") or {}), HELD_HEADER: times + 1}
         headers.pop(RECEIVED_KEY, None)
         from celery import Task as CeleryTask
 
         # Task.apply_async itself: this is the same task, already holding its lock.
         options = {**signature.options, "headers": headers}
         CeleryTask.apply_async(task, signature.args, signature.kwargs, **options)
+        if run.verdict == "behind":
+            return Ignore("celery_unique: this task waits for the call that holds its lock")
         return Ignore("celery_unique: another copy of this task id is running")
     if run.verdict == "drop":
         logger.info("celery_unique: dropped task %s[%s]: it was revoked or purged", task.name, run.task_id)

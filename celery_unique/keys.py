@@ -53,6 +53,7 @@ __all__ = [
     "slot_key",
     "slot_keys",
     "slot_of",
+    "waiting_key",
 ]
 
 # One encoder for every call: it holds no state between calls, and building
@@ -124,6 +125,17 @@ def former_marker_key(lock_key: str, task_id: str) -> str:
     """
     prefix = lock_key.rsplit(":", 3)[0]
     return f"{prefix}:was:{{{lock_key}}}:{task_id}"
+
+
+def waiting_key(lock_key: str) -> str:
+    """Return the key of the call waiting for ``lock_key``: ``<prefix>:next:{<lock key>}``.
+
+    Under ``unique_while_running="queue_one"`` it holds the id of the one
+    call that waits for a holder that has begun; it shares the lock's
+    Redis Cluster slot, as a marker does.
+    """
+    prefix = lock_key.rsplit(":", 3)[0]
+    return f"{prefix}:next:{{{lock_key}}}"
 
 
 #: What joins a lock key and the number of one of its slots 2..N (``unique_limit``).

@@ -49,7 +49,7 @@ from redis.exceptions import NoScriptError
 from redis.sentinel import SentinelConnectionPool
 
 from .headers import nesting_of
-from .keys import former_marker_key, marker_key, slot_keys
+from .keys import former_marker_key, marker_key, slot_keys, waiting_key
 
 __all__ = [
     "AcquireError",
@@ -126,6 +126,9 @@ class Replaced(NamedTuple):
     replaced: str | None
     #: Redis time as the script ran (ms).
     now_ms: int
+    #: Whether the call waits for the lock, behind a holder that has begun
+    #: (``unique_while_running="queue_one"``), rather than holds it.
+    waits: bool = False
 
 
 class Slots(NamedTuple):
@@ -377,55 +380,92 @@ return holders
     # Take the lock for a call that replaces a holder not begun yet
     # (on_duplicate="replace", a debounce), or take it if it is free. Such
     # calls always carry a nonce: their "queued" marker says the holder may
-    # be replaced, and since when the calls it replaced were waiting.
+    # be replaced, and since when the calls it replaced were waiting. Under
+    # unique_while_running="queue_one" a holder that cannot be replaced (it
+    # began) does not refuse the call: the call waits in the waiting key,
+    # replacing the call that waited there, and takes the lock as it begins
+    # once the lock is free (BEGIN_SCRIPT).
     #
     # KEYS[1] - lock key
     # KEYS[2] - marker of ARGV[1]
     # KEYS[3] - former-incarnation key of ARGV[1] (see ACQUIRE_SCRIPT)
-    # KEYS[4] - (second try only) marker of ARGV[4], the holder read before
+    # KEYS[4] - (after a first try) marker of ARGV[4], the holder read before
+    # KEYS[5] - (queue_one only) the lock's waiting key
+    # KEYS[6] - (queue_one only) marker of ARGV[6], the waiting call read before
     # ARGV[1] - task id that wants the lock
     # ARGV[2] - time to live in milliseconds
     # ARGV[3] - the incarnation's nonce
-    # ARGV[4] - the holder the first try named, or "" on the first try
-    # return {"", since, replaced, now} if ARGV[1] now holds the lock:
-    #        ``since`` is when the first call of this debounce took it (ms,
-    #        Redis time), ``replaced`` the holder it dropped or "", ``now``
-    #        Redis time; {holder} otherwise: a first try that finds a holder
-    #        learns its id, to try again with its marker; a second try is
-    #        refused if the lock changed hands, or the holder began, ended,
-    #        retried or was not sent to be replaced (its runs may be
-    #        unmarked, and nothing would show it began). A replaced holder's
-    #        marker says "revoked": every copy of it is dropped as it
-    #        begins. A resend finds its own first attempt by its nonce,
-    #        and the holder that attempt replaced in its marker.
+    # ARGV[4] - the holder an earlier try read, or ""
+    # ARGV[5] - "1" for unique_while_running="queue_one"
+    # ARGV[6] - (queue_one only) the waiting call an earlier try read, or ""
+    # return {"took", since, replaced, now, waits} if ARGV[1] now holds the
+    #        lock, or (``waits`` "w") the waiting key: ``since`` is when the
+    #        first call of this debounce took it (ms, Redis time),
+    #        ``replaced`` the holder or waiting call it dropped or "",
+    #        ``now`` Redis time; {"again", holder, waiting} if the holder (or
+    #        the waiting call) is not the one an earlier try read: try again
+    #        with their markers; {"held", holder} if the holder began,
+    #        ended, retried or was not sent to be replaced (its runs may be
+    #        unmarked, and nothing would show it began), and the call does
+    #        not wait. A replaced call's marker says "revoked": every copy of
+    #        it is dropped as it begins. A resend finds its own first attempt
+    #        by its nonce, and the call that attempt replaced in its marker.
     REPLACE_SCRIPT = _PRELUDE + """
 local now = now_ms()
 local ttl = tonumber(ARGV[2])
+local queue_one = ARGV[5] == '1'
 local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
+local waiting = queue_one and redis.call('GET', KEYS[5])
+if holder == ARGV[1] or (waiting and waiting == ARGV[1]) then
     local m = parse(redis.call('GET', KEYS[2]))
     if m and m.s == 'q' and m.nonce == ARGV[3] and string.sub(m.owner, 1, 1) == 's' then
-        return {'', tonumber(string.sub(m.owner, 2)) or now, m.proof, now}
+        local waits = holder == ARGV[1] and '' or 'w'
+        return {'took', tonumber(string.sub(m.owner, 2)) or now, m.proof, now, waits}
     end
-    return {holder}
+    return {'held', ARGV[1]}
+end
+if (holder or '') ~= ARGV[4] or (queue_one and (waiting or '') ~= ARGV[6]) then
+    return {'again', holder or '', waiting or ''}
+end
+-- Drop a call that has not begun: its marker says revoked until its deadline.
+local function drop(marker, f, pttl)
+    local dl = (f and f.dl) or (now + pttl)
+    until_deadline(marker, state('x', 0, 0, f and f.nonce or '', dl), dl, now, nil)
+end
+local function since_of(f)
+    return tonumber(string.sub(f and f.owner or '', 2)) or now
 end
 local since = now
 local replaced = ''
+local waits = ''
 if holder then
-    if holder ~= ARGV[4] or not KEYS[4] then return {holder} end
     local f = parse(redis.call('GET', KEYS[4]))
-    if not f or f.s ~= 'q' or f.n ~= 0 or f.k ~= 0 or string.sub(f.owner, 1, 1) ~= 's' then
-        return {holder}
+    if f and f.s == 'q' and f.n == 0 and f.k == 0 and string.sub(f.owner, 1, 1) == 's' then
+        since = since_of(f)
+        drop(KEYS[4], f, 0)
+        replaced = holder
+    elseif not queue_one then
+        return {'held', holder}
+    else
+        -- The holder began (or cannot be replaced): this call waits for it,
+        -- in place of the call that waited before.
+        waits = 'w'
     end
-    since = tonumber(string.sub(f.owner, 2)) or now
-    until_deadline(KEYS[4], state('x', 0, 0, f.nonce, f.dl), f.dl, now, nil)
-    replaced = holder
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+if queue_one and waiting and replaced == '' then
+    -- Only the latest call waits; one that waited while the lock went free
+    -- gives way too: it has not begun, or it would hold the lock.
+    local w = parse(redis.call('GET', KEYS[6]))
+    since = since_of(w)
+    drop(KEYS[6], w, redis.call('PTTL', KEYS[5]))
+    redis.call('DEL', KEYS[5])
+    replaced = waiting
+end
+redis.call('SET', waits == 'w' and KEYS[5] or KEYS[1], ARGV[1], 'PX', ttl)
 set_aside(KEYS[2], KEYS[3], ARGV[3], now)
 local mine = state('q', 0, 0, ARGV[3], now + ttl) .. '|s' .. since .. '|' .. replaced
 redis.call('SET', KEYS[2], mine, 'PX', ttl)
-return {'', since, replaced, now}
+return {'took', since, replaced, now, waits}
 """
 
     # Mark a copy of a task running, or say why it must not run now.
@@ -433,6 +473,7 @@ return {'', since, replaced, now}
     # KEYS[1] - lock key
     # KEYS[2] - marker of the task id
     # KEYS[3] - former-incarnation key of the task id (see ACQUIRE_SCRIPT)
+    # KEYS[4] - the lock's waiting key (see REPLACE_SCRIPT)
     # ARGV[1..4] - task id, nesting, retries, nonce (the copy's attempt)
     # ARGV[5] - owner: "<worker node>/<pid>[.<thread>]"
     # ARGV[6] - proof of the owner's life: "<machine>:<process start>"
@@ -442,9 +483,12 @@ return {'', since, replaced, now}
     # return {"run", marker} if this copy now holds the marker; {"wait",
     #        ms, marker} if another live copy of this attempt runs; {"skip"}
     #        if this attempt has ended or a newer one exists; {"drop"} if the
-    #        id was revoked or purged; {"stray"} if the lock is gone and no
-    #        marker says why (it expired, or another incarnation of the id
-    #        holds it): the copy runs unmarked. A resend finds its own marker.
+    #        id was revoked or purged; {"behind"} if the id waits for the
+    #        lock (the waiting key holds it) and another id holds the lock;
+    #        {"stray"} if the lock is gone and no marker says why (it
+    #        expired, or another incarnation of the id holds it): the copy
+    #        runs unmarked. A waiting id takes the lock once it is free, as
+    #        it begins. A resend finds its own marker.
     BEGIN_SCRIPT = _PRELUDE + """
 local n, k = tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
@@ -469,6 +513,13 @@ if f then
             return {'wait', redis.call('PTTL', KEYS[2]), marker}
         end
     end
+end
+if KEYS[4] and redis.call('GET', KEYS[4]) == ARGV[1] then
+    -- This id waits for the lock: until it is free, then it takes it.
+    if redis.call('GET', KEYS[1]) then return {'behind'} end
+    local dl = (f and f.dl) or (now + redis.call('PTTL', KEYS[4]))
+    if dl > now then redis.call('SET', KEYS[1], ARGV[1], 'PX', dl - now) end
+    redis.call('DEL', KEYS[4])
 end
 local dl = deadline(KEYS[1], ARGV[1], f, now)
 if not dl or dl <= now then
@@ -559,10 +610,12 @@ return 1
     #
     # KEYS[1] - lock key
     # KEYS[2] - marker of the task id
+    # KEYS[3] - the lock's waiting key (see REPLACE_SCRIPT): an id that
+    #           waits there gives its place up, owner-checked
     # ARGV[1..4] - task id, nesting, retries, nonce (the discarded attempt)
     # ARGV[5] - "x" to leave a marker that drops every later copy of the id
     #           until the lock's deadline, "" to leave none
-    # return 1 if the lock was released, otherwise 0
+    # return 1 if the lock (or the waiting place) was released, otherwise 0
     DISCARD_SCRIPT = _PRELUDE + """
 local n, k = tonumber(ARGV[2]), tonumber(ARGV[3])
 local f = parse(redis.call('GET', KEYS[2]))
@@ -578,6 +631,10 @@ elseif f then
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
+    return 1
+end
+if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[1] then
+    redis.call('DEL', KEYS[3])
     return 1
 end
 return 0
@@ -743,24 +800,39 @@ return false
             return Slots(None, ((slots[taken - 1], holder),)) if holder else Slots(slots[taken - 1])
         return Slots(None, tuple((slot, str(_text(h))) for slot, h in zip(slots, reply[1:], strict=True)))
 
-    def replace(self, key: str, task_id: str, ttl_ms: int, nonce: str) -> Replaced:
+    def replace(
+        self, key: str, task_id: str, ttl_ms: int, nonce: str, *, queue_one: bool = False
+    ) -> Replaced:
         """Take the lock for ``task_id``, replacing a holder that has not begun (see REPLACE_SCRIPT).
 
-        Two tries at most: the first learns the holder, the second replaces
-        it if it still holds the lock and has not begun.
+        ``queue_one``: a holder that has begun does not refuse the call,
+        which waits for the lock in its waiting key instead, replacing the
+        call that waited there. A first try learns the holder (and the
+        waiting call), the next replaces it if it still holds the lock and
+        has not begun; a third is for a lock that changed hands in between.
         """
         keys = [key, marker_key(key, task_id), former_marker_key(key, task_id)]
         args: list[str | int] = [task_id, ttl_ms, nonce, ""]
-        for _ in range(2):
+        if queue_one:
+            keys += [marker_key(key, ""), waiting_key(key), marker_key(key, "")]
+            args += ["1", ""]
+        refuser = ""
+        for _ in range(3):
             reply: list[Any] = list(self._replace_call(keys, args))
-            holder = _text(reply[0])
-            if not holder:
-                return Replaced(None, int(reply[1]), _text(reply[2]) or None, int(reply[3]))
-            if args[3] == holder:
-                break
-            keys = [*keys[:3], marker_key(key, holder)]
-            args[3] = holder
-        return Replaced(holder, 0, None, 0)
+            verdict = _text(reply[0])
+            if verdict == "took":
+                replaced = _text(reply[2]) or None
+                return Replaced(None, int(reply[1]), replaced, int(reply[3]), waits=bool(_text(reply[4])))
+            holder = _text(reply[1]) or ""
+            if verdict == "held":
+                return Replaced(holder, 0, None, 0)
+            waiting = _text(reply[2]) or ""
+            # Refused after the last try, the call names who stood in its way.
+            refuser = holder or waiting or refuser
+            keys[3:4], args[3] = [marker_key(key, holder)], holder
+            if queue_one:
+                keys[5], args[5] = marker_key(key, waiting), waiting
+        return Replaced(refuser, 0, None, 0)
 
     def _replace_call(self, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         # On one server, the hot path's own connections, as acquire() uses them.
@@ -851,7 +923,7 @@ return false
         ``drop_later``: leave a marker that drops every later copy of the id
         (a revoke, a purge); not for a message that was never published.
         """
-        keys = (key, marker_key(key, attempt.task_id))
+        keys = (key, marker_key(key, attempt.task_id), waiting_key(key))
         return bool(self._call(self._discard, keys, [*attempt.args(), "x" if drop_later else ""]))
 
     # -- the worker -----------------------------------------------------------------------------
@@ -868,7 +940,8 @@ return false
         evict: str = "",
     ) -> list[Any]:
         """Mark a copy running (see BEGIN_SCRIPT); return the verdict and its details."""
-        keys = (key, marker_key(key, attempt.task_id), former_marker_key(key, attempt.task_id))
+        task_id = attempt.task_id
+        keys = (key, marker_key(key, task_id), former_marker_key(key, task_id), waiting_key(key))
         args = [*attempt.args(), owner, proof, marker_ttl_ms, "1" if release else "", evict]
         reply = self._call(self._begin, keys, args)
         return [_text(part) if isinstance(part, bytes) else part for part in reply]

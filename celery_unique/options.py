@@ -3,9 +3,10 @@
 Each option can be given per call (``apply_async(..., opt=...)`` or
 ``.set(opt=...)`` on a signature), as a task attribute
 (``@app.task(base=UniqueTask, opt=...)``) or, for ``unique_until``,
-``on_duplicate``, ``unique_on_store_error``, ``unique_max_wait`` and
-``unique_limit``, as an app setting. Per call wins over the task attribute, which wins over the app
-setting, which wins over the built-in default.
+``on_duplicate``, ``unique_on_store_error``, ``unique_max_wait``,
+``unique_while_running`` and ``unique_limit``, as an app setting. Per
+call wins over the task attribute, which wins over the app setting, which
+wins over the built-in default.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from typing import Any, Literal, NamedTuple
 from .errors import UniqueTypeError, UniqueValueError
 
 __all__ = [
-    "MAX_LIMIT", "ON_DUPLICATE", "ON_STORE_ERROR", "OPTION_NAMES", "UNSET", "UNTIL", "UniqueOptions",
+    "MAX_LIMIT", "ON_DUPLICATE", "ON_STORE_ERROR", "OPTION_NAMES", "UNSET", "UNTIL", "WHILE_RUNNING",
+    "UniqueOptions",
     "check_choice", "check_limit", "check_unique_on",
 ]
 
 Until = Literal["success", "finish", "start", "expiry"]
 OnDuplicate = Literal["raise", "existing", "replace", "join"]
 OnStoreError = Literal["raise", "enqueue"]
+WhileRunning = Literal["refuse", "queue_one"]
 #: Names of the parameters that make up the key (a lone string is one name):
 #: the types check_unique_on takes, no other sequence or set.
 UniqueOn = str | list[str] | tuple[str, ...] | set[str] | frozenset[str]
@@ -36,11 +39,14 @@ ON_DUPLICATE: tuple[OnDuplicate, ...] = ("raise", "existing", "replace", "join")
 #: What a call does when the lock store fails: raise LockStoreError, or
 #: publish the task without a lock (fail-open).
 ON_STORE_ERROR: tuple[OnStoreError, ...] = ("raise", "enqueue")
+#: Under on_duplicate="replace", what a call does when the holder has begun:
+#: refuse as "raise" does, or wait as the one call to run after it.
+WHILE_RUNNING: tuple[WhileRunning, ...] = ("refuse", "queue_one")
 
 #: Options a caller may pass to apply_async; they never reach kombu.
 OPTION_NAMES = (
     "unique", "unique_on", "unique_until", "on_duplicate", "unique_on_store_error", "unique_max_wait",
-    "unique_limit",
+    "unique_limit", "unique_while_running",
 )
 
 #: The largest ``unique_limit``: one script reads every slot of a key.
@@ -63,6 +69,9 @@ class UniqueOptions(NamedTuple):
     max_wait_ms: int | None = None
     #: ``unique_limit``: how many calls with the key may be queued or running at once.
     limit: int = 1
+    #: Under ``on_duplicate="replace"``: what a call does when the holder has
+    #: begun (``unique_while_running``).
+    while_running: WhileRunning = "refuse"
 
 
 def check_choice(task_name: str, option: str, value: Any, choices: Sequence[str]) -> Any:

@@ -25,7 +25,7 @@ from .execution import RUN_ATTR, Run, eager_calls, hold_back
 from .fanout import defer_call, deferred, outside_block
 from .headers import LOCK_HEADER, drop_own_headers
 from .option_names import check_option_names
-from .options import UNSET, OnDuplicate, OnStoreError, UniqueOn, Until, check_unique_on
+from .options import UNSET, OnDuplicate, OnStoreError, UniqueOn, Until, WhileRunning, check_unique_on
 from .switch import unlock_if_disabled
 from .typed import UniqueSignature, typed_apply_async
 
@@ -54,8 +54,7 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
     default the lock is released when the task succeeds, or is revoked or
     expires; otherwise its TTL frees it.
 
-    The other options, per call or as task attributes, are ``unique_on``,
-    ``unique_until`` and ``on_duplicate`` (see the README).
+    The other options, per call or as task attributes, are below (see the README).
     """
 
     #: Default lock TTL for every call; ``None`` means unique only when asked.
@@ -64,8 +63,7 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
     unique_on: UniqueOn | None = None
     #: When the lock is released: "success", "finish", "start" or "expiry".
     unique_until: Until | None = None
-    #: What a duplicate does: "raise", "existing" (return the holder's result),
-    #: "replace" (a debounce) or "join" (a refused canvas step goes on with the holder's result).
+    #: What a duplicate does: "raise", "existing" (the holder's result), "replace" (a debounce), "join".
     on_duplicate: OnDuplicate | None = None
     #: What a lock-store error does: "raise" (LockStoreError) or "enqueue" (publish unlocked).
     unique_on_store_error: OnStoreError | None = None
@@ -73,6 +71,8 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
     unique_max_wait: float | timedelta | None = None
     #: How many calls with one key may be queued or running at once (default 1).
     unique_limit: int | None = None
+    #: Under on_duplicate="replace", once the holder has begun: "refuse" or "queue_one" (run after it).
+    unique_while_running: WhileRunning | None = None
 
     #: The worker's request class: it ends the run of a task whose pool
     #: process died. Derive a request class of your own from it.
@@ -101,6 +101,7 @@ class UniqueTask(_TaskBase):  # type: ignore[misc,unused-ignore]  # Task is Any 
             unique_on_store_error: OnStoreError | None = ...,
             unique_max_wait: float | timedelta | None = ...,
             unique_limit: int | None = ...,
+            unique_while_running: WhileRunning | None = ...,
             **options: Any,
         ) -> UniqueSignature: ...
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from celery.result import AsyncResult
 
-    from .options import OnDuplicate, OnStoreError, UniqueOn, Until
+    from .options import OnDuplicate, OnStoreError, UniqueOn, Until, WhileRunning
 
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
             unique_on_store_error: OnStoreError | None = ...,
             unique_max_wait: float | timedelta | None = ...,
             unique_limit: int | None = ...,
+            unique_while_running: WhileRunning | None = ...,
             **options: Any,
         ) -> UniqueSignature: ...
 
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
             unique_on_store_error: OnStoreError | None = ...,
             unique_max_wait: float | timedelta | None = ...,
             unique_limit: int | None = ...,
+            unique_while_running: WhileRunning | None = ...,
             **options: Any,
         ) -> AsyncResult[Any]: ...
 
@@ -90,6 +92,7 @@ if TYPE_CHECKING:
         unique_on_store_error: OnStoreError | None = ...,
         unique_max_wait: float | timedelta | None = ...,
         unique_limit: int | None = ...,
+        unique_while_running: WhileRunning | None = ...,
         **options: Any,
     ) -> AsyncResult[Any]: ...
 

@@ -8,7 +8,8 @@ a copy's beginning, its body storing a result, its end with each outcome,
 a retry, a crash, the death reported by the worker's main process, a
 revoke, a purge, a reap, time passing (unrenewed markers expire) and the
 lock's TTL passing, and a call that replaces a holder not begun yet
-(``on_duplicate="replace"``, a debounce), and a call with ``unique_limit``
+(``on_duplicate="replace"``, a debounce), or waits for one that has begun
+(``unique_while_running="queue_one"``), and a call with ``unique_limit``
 (ACQUIRE_SLOT_SCRIPT over the slots of a key of its own, whose copies
 begin and end on the slot they took). A call is a throttle
 (``unique_until="expiry"``) or not. A command's reply may be lost: the client sends it again. An enqueue goes
@@ -16,7 +17,7 @@ through ACQUIRE_SCRIPT (the lock, then a publish) or ENQUEUE_SCRIPT (the
 opt-in transport: lock and message in one script, the queue in a database of
 its own), and the queue must hold exactly one message per call accepted that way. Each rule
 calls :class:`celery_unique.lock.LockStore` on a real Redis, and after
-every step the machine checks invariants 1-8 of docs/protocol.md against
+every step the machine checks invariants 1-9 of docs/protocol.md against
 what Redis holds and what the model knows.
 
 The model runs a copy *unmarked* only where a worker would: a first copy of
@@ -34,7 +35,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from celery_unique import execution, holders
-from celery_unique.keys import marker_key, slot_keys
+from celery_unique.keys import marker_key, slot_keys, waiting_key
 from celery_unique.lock import KEEP, REQUEUE, Attempt, LockStore, Ticket, enqueue_locked
 
 PREFIX = "model"
@@ -50,6 +51,8 @@ CHOSEN_IDS = ("chosen-1", "chosen-2")
 LIMIT_KEY = f"{PREFIX}:celery:model.task:limited"
 LIMITS = (2, 3)
 LIMIT_SLOTS = tuple(slot_keys(LIMIT_KEY, LIMITS[-1]))
+#: Where the one call waits that runs after KEY's holder (unique_while_running="queue_one").
+WAITING_KEY = waiting_key(KEY)
 #: The queue of ENQUEUE_SCRIPT's messages, in a database beside the model's locks.
 QUEUE = "model-queue"
 
@@ -100,6 +103,8 @@ class Incarnation:
     replaceable: bool = False
     #: A later call replaced it (REPLACE_SCRIPT): no copy of it may run.
     replaced: bool = False
+    #: It waits for KEY in WAITING_KEY (queue_one), until a copy of it takes the lock as it begins.
+    waits: bool = False
     #: Its lock's TTL passed (or the lock was taken over): best effort from then on.
     expired: bool = False
     #: Its chosen id was enqueued again: a copy of an attempt of it that ended
@@ -139,12 +144,23 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.calls: dict[tuple[str, str], Incarnation] = {}
         self.numbers = itertools.count()
         self.generated = itertools.count()
+        #: The last call that REPLACE put in WAITING_KEY: the only one that may wait.
+        self.latest_waiting: Incarnation | None = None
 
     # -- helpers --------------------------------------------------------------------------------
 
     def holder(self, key: str = KEY) -> str | None:
         value = self.client.get(key)
         return value.decode() if value is not None else None
+
+    def current(self, task_id: str | None) -> Incarnation | None:
+        """The incarnation of ``task_id`` on KEY that no TTL, reuse, revoke or replace has ended."""
+        return next(
+            (c for c in self.calls.values()
+             if c.task_id == task_id and c.key == KEY
+             and not (c.expired or c.superseded or c.revoked or c.replaced)),
+            None,
+        )
 
     def call_of(self, copy: Copy) -> Incarnation:
         return self.calls[(copy.task_id, copy.nonce)]
@@ -263,37 +279,53 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.calls[(task_id, nonce)] = Incarnation(task_id, nonce, until, key=key)
         self.new_copy(task_id, nonce, key=key)
 
-    @rule(resend=st.booleans(), throttle=st.sampled_from((False, False, False, True)))
-    def enqueue_replacing(self, resend: bool, throttle: bool) -> None:
-        """A call with on_duplicate="replace" (REPLACE_SCRIPT): it replaces a holder that has not begun."""
+    @rule(resend=st.booleans(), throttle=st.sampled_from((False, False, False, True)),
+          queue_one=st.booleans())
+    def enqueue_replacing(self, resend: bool, throttle: bool, queue_one: bool = False) -> None:
+        """A call with on_duplicate="replace" (REPLACE_SCRIPT): it replaces a holder that has not begun.
+
+        Under ``queue_one`` a holder that has begun does not refuse it: it
+        waits in WAITING_KEY, replacing the call that waited there.
+        """
         task_id, nonce = f"gen-{next(self.generated)}", f"n{next(self.numbers)}"
-        before = self.holder()
-        held = next(
-            (c for c in self.calls.values()
-             if c.task_id == before and c.key == KEY
-             and not (c.expired or c.superseded or c.revoked or c.replaced)),
-            None,
-        )
-        answer = self.store.replace(KEY, task_id, LOCK_TTL_MS, nonce)
+        before, waiting = self.holder(), self.holder(WAITING_KEY)
+        held, waiter = self.current(before), self.current(waiting)
+        answer = self.store.replace(KEY, task_id, LOCK_TTL_MS, nonce, queue_one=queue_one)
         if resend:
-            again = self.store.replace(KEY, task_id, LOCK_TTL_MS, nonce)
+            again = self.store.replace(KEY, task_id, LOCK_TTL_MS, nonce, queue_one=queue_one)
             assert again._replace(now_ms=0) == answer._replace(now_ms=0), (
                 f"a resent replace answered {again}, the first {answer}"
             )
         if answer.holder is not None:
+            assert not queue_one, f"{task_id} (queue_one) was refused by {answer.holder!r}"
             assert answer.holder == before, f"refused by {answer.holder!r}, but {before!r} held the lock"
             if held is not None and held.replaceable and not self.begun(held):
                 raise AssertionError(f"{task_id} was refused, though {held} had not begun")
             return
-        if before is not None:
+        replaceable_holder = held is not None and held.replaceable and not self.begun(held)
+        if answer.waits:
+            assert queue_one, f"{task_id} waits, though it was sent without queue_one"
+            assert before is not None, f"{task_id} waits, though the lock was free"
+            assert not replaceable_holder, f"{task_id} waits behind {held}, which it could replace"
+            assert self.holder(WAITING_KEY) == task_id, f"{task_id} waits, but not in {WAITING_KEY}"
+        elif before is not None:
             assert answer.replaced == before, f"took {before!r}'s lock, says it replaced {answer.replaced!r}"
             if held is not None:
                 assert held.replaceable, f"replaced {held}, which was not sent to be replaced"
                 assert not self.begun(held), f"replaced {held}, which had begun"
                 held.replaced = True
-        self.calls[(task_id, nonce)] = Incarnation(
-            task_id, nonce, "expiry" if throttle else "success", replaceable=True
+        # Only the latest call waits: the one that waited gives way to a
+        # call that waits now, or that takes the free lock.
+        if queue_one and waiting is not None and (answer.waits or before is None):
+            assert answer.replaced == waiting, f"{task_id} left {waiting!r} waiting: {answer}"
+            if waiter is not None:
+                assert not self.begun(waiter), f"replaced {waiter}, which had begun"
+                waiter.replaced = True
+        call = self.calls[(task_id, nonce)] = Incarnation(
+            task_id, nonce, "expiry" if throttle else "success", replaceable=True, waits=answer.waits
         )
+        if answer.waits:
+            self.latest_waiting = call
         self.new_copy(task_id, nonce, marked=True)
 
     @rule(chosen=st.sampled_from((None, *CHOSEN_IDS)), resend=st.booleans(),
@@ -454,6 +486,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         if verdict == "run":
             self.assert_may_run(copy, "BEGIN said run")
             copy.state, copy.marker = "running", str(reply[1])
+            call.waits = False  # a waiting call takes the lock as it begins
         elif verdict == "stray":
             # The lock is gone and no marker says why: only its TTL can have
             # done that, or a newer incarnation of the id took it.
@@ -469,6 +502,14 @@ class ProtocolMachine(RuleBasedStateMachine):
             ]
             assert running or call.expired, f"{copy} held back with no copy of its attempt running"
             # Held back: published again with a countdown; that copy is marked too.
+            copy.state = "dropped"
+            self.new_copy(copy.task_id, copy.nonce, nesting=copy.nesting, retries=copy.retries, marked=True,
+                          key=copy.key)
+        elif verdict == "behind":
+            # It waits for the lock, which another call holds: held back, as a copy that waits.
+            holder = self.holder()
+            assert call.waits, f"{copy} held back behind {holder!r}, though it waits for no lock"
+            assert holder not in (None, copy.task_id), f"{copy} held back, though {holder!r} holds the lock"
             copy.state = "dropped"
             self.new_copy(copy.task_id, copy.nonce, nesting=copy.nesting, retries=copy.retries, marked=True,
                           key=copy.key)
@@ -650,7 +691,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule()
     def lock_expires(self) -> None:
         """The lock's TTL passes: it and every marker under it expire; best effort from then on."""
-        for key in [KEY, *LIMIT_SLOTS, *self.client.scan_iter(f"{PREFIX}:run:*")]:
+        for key in [KEY, WAITING_KEY, *LIMIT_SLOTS, *self.client.scan_iter(f"{PREFIX}:run:*")]:
             self.client.delete(key)
         for call in self.calls.values():
             call.expired = True
@@ -674,7 +715,8 @@ class ProtocolMachine(RuleBasedStateMachine):
     def throttle_window(self) -> None:
         """Invariant 6: a throttle's lock is its own until its TTL, unless a revoke or purge dropped it."""
         for call in self.calls.values():
-            dropped = call.revoked or call.replaced
+            # A call that waits (queue_one) holds no window yet: it takes the lock as it begins.
+            dropped = call.revoked or call.replaced or call.waits
             if call.until == "expiry" and not (call.expired or call.superseded or dropped):
                 holder = self.holder(call.key)
                 assert holder == call.task_id, f"throttle {call} lost its lock to {holder!r} before its TTL"
@@ -692,6 +734,31 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert len(live) <= LIMITS[-1], f"{len(live)} calls under the limit at once: {live}"
 
     @invariant()
+    def one_call_runs_per_lock(self) -> None:
+        """Invariant 9: the bodies of two calls of one lock never run at once (unless a TTL passed)."""
+        running = {
+            c.task_id for c in self.copies_in("running", "continuing")
+            if c.key == KEY and not c.stray and self.live(c)
+        }
+        assert len(running) <= 1, f"calls {sorted(running)} of one lock run at once"
+
+    @invariant()
+    def one_waiting_call_the_latest(self) -> None:
+        """Invariant 9: at most one call waits for the lock, the latest to wait, and its place is its own."""
+        waiting = [c for c in self.calls.values() if c.waits and self.current(c.task_id) is c]
+        assert len(waiting) <= 1, f"{len(waiting)} calls wait at once: {waiting}"
+        if waiting:
+            latest = self.latest_waiting
+            assert waiting[0] is latest, f"{waiting[0]} waits, not the latest {latest}"
+            held = self.holder(WAITING_KEY)
+            assert held == waiting[0].task_id, f"{waiting[0]} waits, but {held!r} holds the waiting key"
+        held = self.holder(WAITING_KEY)
+        if held is not None:
+            call = self.current(held)
+            assert call is not None, f"{held!r} holds the waiting key, but it was dropped"
+            assert call.waits, f"{held!r} holds the waiting key, but it waits no more"
+
+    @invariant()
     def bounded_residue(self) -> None:
         """Invariant 5: every key starts with the prefix, has a TTL, and no marker outlives its deadline."""
         keys = list(self.client.scan_iter("*", count=1000))
@@ -706,6 +773,6 @@ class ProtocolMachine(RuleBasedStateMachine):
         for key, ttl, value in zip(keys, replies[::2], replies[1::2], strict=True):
             assert key.decode().startswith(f"{PREFIX}:"), key
             assert ttl > 0, f"{key!r} has no TTL ({ttl})"
-            if key.decode() not in (KEY, *LIMIT_SLOTS):
+            if key.decode() not in (KEY, WAITING_KEY, *LIMIT_SLOTS):
                 deadline = int((value or b"").decode().split("|")[4])
                 assert ttl <= deadline - now_ms + 50, f"{key!r} outlives its lock's deadline"

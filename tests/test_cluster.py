@@ -12,6 +12,9 @@ from celery import Celery, group
 from celery.contrib.testing.worker import start_worker
 
 from celery_unique import ConfigurationError, DuplicateTaskError, UniqueLocks, UniqueTask, apply_many, fan_out
+from celery_unique.config import lock_store
+from celery_unique.keys import waiting_key
+from celery_unique.lock import Attempt
 from celery_unique.testing import RedisServer
 from tests.cluster_support import LocalCluster
 from tests.conftest import wait_until
@@ -171,3 +174,22 @@ def test_a_limit_under_a_tagged_prefix_runs_on_the_cluster(
         assert [r.get(timeout=10) for r in results] == [5, 5, 5]
         wait_until(lambda: UniqueLocks(cluster_app).count() == 0, what="every slot released")
         assert task.apply_async((5,), unique=60, unique_limit=3).get(timeout=10) == 5
+
+
+def test_a_waiting_call_runs_its_scripts_on_one_slot_of_the_cluster(cluster_app: Celery) -> None:
+    """queue_one on the cluster, an untagged prefix: the waiting key shares its lock's slot in each script."""
+    task: Any = cluster_app.tasks["tests.cluster_report"]
+    holder = task.apply_async((1,), unique=60, countdown=60)  # sent without "replace": it is never replaced
+    waits = {"unique": 60, "countdown": 60, "on_duplicate": "replace", "unique_while_running": "queue_one"}
+    first, latest = task.apply_async((1,), **waits), task.apply_async((1,), **waits)
+    key = task.lock_key((1,), {}, {})
+    store = lock_store(cluster_app)
+    assert first.state == "REVOKED"
+    assert store.client.get(waiting_key(key)) == latest.id.encode()
+    behind = Attempt(latest.id, nonce=str(store.marker(key, latest.id)).split("|")[3])
+    assert store.begin(key, behind, "worker/1", "elsewhere:1", 30_000)[0] == "behind"
+    assert UniqueLocks(cluster_app).release(key)
+    assert store.begin(key, behind, "worker/1", "elsewhere:1", 30_000)[0] == "run"
+    assert store.holder(key) == latest.id
+    assert store.client.get(waiting_key(key)) is None
+    assert holder.id != latest.id

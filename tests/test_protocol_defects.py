@@ -101,6 +101,28 @@ DEFECTS = {
         "_end", "END_SCRIPT",
         "if f.s == 'r' and same(f, n, k) and f.owner ~= ARGV[5] then return 0 end", "",
     ),
+    # A waiting call (queue_one) that takes the lock as it begins though
+    # the holder still holds it: both run at once.
+    "waiting call runs beside its holder": (
+        "_begin", "BEGIN_SCRIPT", "if redis.call('GET', KEYS[1]) then return {'behind'} end", "",
+    ),
+    # A waiting call that gives way to a later one without being dropped:
+    # both run, one after the other.
+    "replaced waiting call still runs": (
+        "_replace", "REPLACE_SCRIPT", "drop(KEYS[6], w, redis.call('PTTL', KEYS[5]))", "",
+    ),
+    # A waiting call that is revoked keeps its place: the place is held by
+    # a call that will never run.
+    "revoked waiting call keeps its place": (
+        "_discard", "DISCARD_SCRIPT", "if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[1] then",
+        "if false then",
+    ),
+    # A waiting call that begins once the lock is free, and runs without
+    # taking it: a later call takes the free lock and runs beside it.
+    "waiting call runs without the lock": (
+        "_begin", "BEGIN_SCRIPT",
+        "if dl > now then redis.call('SET', KEYS[1], ARGV[1], 'PX', dl - now) end", "",
+    ),
 }
 
 
@@ -249,6 +271,34 @@ SCENARIOS: dict[str, Sequence[Step]] = {
     ),
 }
 
+#: A debounce's holder (copy 1: its nonce took number 0) has begun when a
+#: call comes under queue_one: it waits (copy 3).
+_WAITING: Sequence[Step] = (
+    ("enqueue_replacing", {"resend": False, "throttle": False, "queue_one": True}),
+    ("begin", {"data": Pick(1), "resend": False}),
+    ("enqueue_replacing", {"resend": False, "throttle": False, "queue_one": True}),
+)
+SCENARIOS.update({
+    # The waiting call's copy begins while the holder runs.
+    "waiting call runs beside its holder": (*_WAITING, ("begin", {"data": Pick(3), "resend": False})),
+    # A second call (copy 5) waits in the first one's place; the first one's copy begins.
+    "replaced waiting call still runs": (
+        *_WAITING,
+        ("enqueue_replacing", {"resend": True, "throttle": False, "queue_one": True}),
+        ("begin", {"data": Pick(3), "resend": False}),
+    ),
+    "revoked waiting call keeps its place": (
+        *_WAITING, ("revoke_or_purge", {"data": Pick(3), "purge": False}),
+    ),
+    # The holder ends; the waiting call's copy begins.
+    "waiting call runs without the lock": (
+        *_WAITING,
+        ("store_result", {"data": Pick(1), "state": "SUCCESS"}),
+        ("end", {"data": Pick(1), "until": "success", "resend": False}),
+        ("begin", {"data": Pick(3), "resend": False}),
+    ),
+})
+
 #: The throttle's window: a throttled call that succeeds.
 THROTTLE: Sequence[Step] = (
     ("enqueue", {"chosen": None, "resend": False, "throttle": True}),
@@ -262,7 +312,8 @@ def play(client: redis.Redis, mutations: dict[str, str], steps: Sequence[Step]) 
     """Run ``steps`` on the model, checking every invariant after each one."""
     machine = type("Machine", (ProtocolMachine,), {"client": client, "mutations": mutations})()
     checks = [getattr(machine, name) for name in ("no_release_while_a_copy_runs", "bounded_residue",
-                                                  "throttle_window", "at_most_n_slots")]
+                                                  "throttle_window", "at_most_n_slots",
+                                                  "one_call_runs_per_lock", "one_waiting_call_the_latest")]
     for rule, arguments in steps:
         getattr(machine, rule)(**copy.deepcopy(arguments))  # a Pick is used up as it draws
         for check in checks:
